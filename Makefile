@@ -1,0 +1,34 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-long bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "shmbroker needs Python 3.11 or newer; run e.g. 'make PYTHON=python3.11 test'"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@# python-prctl compiles against libcap; on machines without libcap-dev we
+	@# keep going with the ctypes fallback instead of failing the whole setup.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench,prctl]' || { \
+	  echo "note: python-prctl did not build (apt-get install libcap-dev to get it); using the ctypes fallback"; \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'; }
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -m long
+
+bench: $(STAMP)
+	$(BIN)/shmbroker bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,90 @@
+"""The errors shmbroker raises: one hierarchy under :class:`ShmBrokerError`.
+
+Every message says what happened and what to do about it, because these
+errors reach end users through applications that just print them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShmBrokerError",
+    "BrokerUnavailable",
+    "BrokerAlreadyRunning",
+    "ConfigError",
+    "ProtocolError",
+    "PermissionDenied",
+    "ChannelNotFound",
+    "ChannelBusy",
+    "LimitExceeded",
+    "Timeout",
+    "SegmentError",
+    "ChannelRevoked",
+    "MessageTooLarge",
+    "Full",
+    "Empty",
+]
+
+
+class ShmBrokerError(Exception):
+    """Base class of every error shmbroker raises on purpose."""
+
+
+class BrokerUnavailable(ShmBrokerError, ConnectionError):
+    """The broker could not be reached, or went away mid-conversation."""
+
+
+class BrokerAlreadyRunning(ShmBrokerError):
+    """`shmbroker serve` found a live broker on its socket path."""
+
+
+class ConfigError(ShmBrokerError):
+    """The configuration file or a command-line option is invalid."""
+
+
+class ProtocolError(ShmBrokerError):
+    """A peer sent something the wire protocol does not allow."""
+
+
+class PermissionDenied(ShmBrokerError, PermissionError):
+    """The broker's policy refused this peer or this request."""
+
+
+class ChannelNotFound(ShmBrokerError, LookupError):
+    """The channel does not exist and this request may not create it."""
+
+
+class ChannelBusy(ShmBrokerError):
+    """The channel cannot take another peer in this role right now."""
+
+
+class LimitExceeded(ShmBrokerError):
+    """A configured limit (connections, segments, bytes, frame size) was hit."""
+
+
+class Timeout(ShmBrokerError, TimeoutError):
+    """An operation did not finish within its timeout."""
+
+
+class SegmentError(ShmBrokerError):
+    """A segment handed over by the broker failed the client's checks."""
+
+
+class ChannelRevoked(ShmBrokerError):
+    """The broker wiped and revoked this channel's segment.
+
+    Raised on the next operation after a lease break, an identity change of
+    a peer, a panic wipe, or a broker shutdown.  Attach again to get a fresh
+    segment (a new generation) if the policy still allows it.
+    """
+
+
+class MessageTooLarge(ShmBrokerError, ValueError):
+    """A message is larger than the channel's maximum message size."""
+
+
+class Full(ShmBrokerError):
+    """The channel's ring is full and the send did not wait (or timed out)."""
+
+
+class Empty(ShmBrokerError):
+    """No message arrived within the receive timeout."""

@@ -1,12 +1,17 @@
 """shmbroker: a secure shared-memory IPC broker for Linux.
 
-The public API is what this module exports plus :mod:`shmbroker.errors`;
-every other module is private and may change without notice.
+The public API is :class:`ShmClient`, the :class:`Attachment` it returns, and
+the exceptions in :mod:`shmbroker.errors`; every other module is private and
+may change without notice.
+
+>>> with ShmClient.attach("frames", "producer", size=1 << 20) as seg:  # doctest: +SKIP
+...     seg.buf[:5] = b"hello"
 """
 
 from __future__ import annotations
 
 from . import errors
+from ._client import Attachment, ShmClient
 
-__all__ = ["errors"]
+__all__ = ["Attachment", "ShmClient", "errors"]
 __version__ = "0.1.0"

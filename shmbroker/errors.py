@@ -54,7 +54,7 @@ class ChannelNotFound(ShmBrokerError, LookupError):
 
 
 class ChannelBusy(ShmBrokerError):
-    """The channel cannot take another peer in this role right now."""
+    """The channel exists with other parameters, or cannot take another peer in this role."""
 
 
 class LimitExceeded(ShmBrokerError):

@@ -1,0 +1,140 @@
+"""Verifying who is on the other end of an accepted socket.
+
+Order matters (systemd's pidref_verify() follows the same shape):
+1. SO_PEERCRED gives pid/uid/gid as frozen at connect(); SO_PEERGROUPS the
+   supplementary groups.
+2. SO_PEERPIDFD pins the process that connected, so a recycled pid cannot
+   stand in for it.  Older kernels fall back to pidfd_open(pid), which is
+   racy, and we log that downgrade.
+3. stat("/proc/PID/exe") gives the executable's (st_dev, st_ino).
+4. The pidfd is consulted *after* the stat: if it still names PID, the stat
+   described the process that connected; if it says -1, that process died
+   and the pid (and so the stat) may belong to someone else.
+
+Any failure anywhere raises :class:`AuthError`; the caller turns every
+exception, expected or not, into a rejection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from .._sys import peercred, pidfd
+from .policy import Identity
+
+log = logging.getLogger(__name__)
+
+# Test seam for the "peer dies between getsockopt and /proc" race (issue A1):
+# called with the pid after the credentials were read.  Always None in
+# production; never set from configuration.
+after_credentials_hook: Callable[[int], None] | None = None
+
+
+class AuthError(Exception):
+    """The peer could not be verified; the message is safe to send to it."""
+
+
+class VerifiedPeer:
+    """An identity plus the pidfd that keeps pointing at that exact process."""
+
+    __slots__ = ("identity", "pidfd", "pidfd_source")
+
+    def __init__(self, identity: Identity, pidfd_fd: int, pidfd_source: str) -> None:
+        self.identity = identity
+        self.pidfd = pidfd_fd
+        self.pidfd_source = pidfd_source
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _exe_identity(pid: int) -> tuple[int, int]:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except (PermissionError, OSError) as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise AuthError(
+                f"cannot read /proc/{pid}/exe: the peer is non-dumpable (or in another user "
+                "namespace) and the broker lacks CAP_SYS_PTRACE to verify it"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise AuthError(f"peer pid {pid} exited before it could be verified") from None
+        raise AuthError(f"cannot stat /proc/{pid}/exe: {exc.strerror}") from None
+    return st.st_dev, st.st_ino
+
+
+def _exe_path(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return "?"
+
+
+def verify_peer(sock: socket.socket) -> VerifiedPeer:
+    pid, uid, gid = peercred.peer_credentials(sock)
+    if pid <= 0:
+        # 0 means the peer's pid is not visible in our pid namespace.
+        raise AuthError("peer has no pid visible to the broker (another pid namespace?)")
+    try:
+        pfd = pidfd.peer_pidfd(sock)
+        source = "SO_PEERPIDFD"
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ESRCH):
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
+        if exc.errno != errno.ENOPROTOOPT:
+            raise AuthError(f"SO_PEERPIDFD failed: {exc.strerror}") from None
+        log.warning("kernel lacks SO_PEERPIDFD; falling back to pidfd_open(%d), which a pid reuse race can fool", pid)
+        try:
+            pfd = pidfd.pidfd_open(pid)
+        except OSError:
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
+        source = "pidfd_open"
+    try:
+        if pidfd.pidfd_pid(pfd) != pid:
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
+        groups = peercred.peer_groups(sock)
+        if after_credentials_hook is not None:
+            after_credentials_hook(pid)
+        exe = _exe_identity(pid)
+        exe_path = _exe_path(pid)
+        # Only now do we know the stat above described the connecting process.
+        if pidfd.pidfd_pid(pfd) != pid:
+            raise AuthError(f"peer pid {pid} exited during verification (stale pid)")
+    except BaseException:
+        os.close(pfd)
+        raise
+    return VerifiedPeer(Identity(pid, uid, gid, groups, exe, exe_path), pfd, source)
+
+
+def recheck(peer: VerifiedPeer) -> str | None:
+    """Re-verify at session end; return why the identity changed, or None.
+
+    A peer that has exited cannot be re-verified and is not an incident: most
+    sessions end because the process exits.  A live peer whose executable is
+    no longer the one it was admitted with (it exec()ed something else) is.
+    """
+    pid = peer.identity.pid
+    if peer.pidfd < 0 or pidfd.pidfd_pid(peer.pidfd) != pid:
+        return None
+    try:
+        exe = os.stat(f"/proc/{pid}/exe")
+        now = (exe.st_dev, exe.st_ino)
+    except OSError as exc:
+        # ENOENT: a zombie has no mm, so no exe; it is exiting, not changing.
+        if exc.errno == errno.ENOENT or pidfd.pidfd_pid(peer.pidfd) != pid:
+            return None
+        return f"executable of pid {pid} can no longer be verified ({exc.strerror})"
+    if pidfd.pidfd_pid(peer.pidfd) != pid:
+        return None
+    if now != peer.identity.exe:
+        return (
+            f"pid {pid} now runs {_exe_path(pid)} (dev {now[0]}, inode {now[1]}), "
+            f"not {peer.identity.exe_path} it was admitted with"
+        )
+    return None

@@ -1,0 +1,224 @@
+"""The TOML configuration file, validated completely at startup.
+
+Every problem is reported as ``FILE: KEY: REASON`` and refuses the start: a
+broker that guesses what a typo meant could end up more permissive than its
+operator intended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError
+from ..limits import DEFAULT_LIMITS, Limits
+from .._wire.messages import valid_channel_name
+from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
+
+BACKENDS = ("posix",)
+
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``4096``, ``"64KiB"``, ``"16M"`` or ``"1GiB"`` (binary units)."""
+    if isinstance(text, bool):
+        raise ValueError("a size must be a number of bytes, e.g. 4096 or \"16MiB\"")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.fullmatch(text)
+        if not match:
+            raise ValueError(f"{text!r} is not a size; use bytes or a unit, e.g. 65536 or \"64KiB\"")
+        value = int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+    if value <= 0:
+        raise ValueError("a size must be positive")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    size: int
+    backend: str = "posix"
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerConfig:
+    policy: Policy
+    channels: dict[str, ChannelSpec]
+    limits: Limits = DEFAULT_LIMITS
+    socket_path: str | None = None
+    socket_group: int | None = None
+    source: str | None = None
+
+
+def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConfig:
+    return BrokerConfig(policy=default_policy(os.getuid()), channels=channels or {})
+
+
+def load_config(path: str) -> BrokerConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _Parser(path).parse(data)
+
+
+class _Parser:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {reason}")
+
+    def table(self, data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+        unknown = sorted(set(value) - allowed) if allowed else []
+        if unknown:
+            raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
+        return value
+
+    def parse(self, data: dict[str, Any]) -> BrokerConfig:
+        unknown = sorted(set(data) - {"broker", "status", "limits", "channels", "rules"})
+        if unknown:
+            raise self.fail(unknown[0], "unknown section (known: broker, status, limits, channels, rules)")
+        broker = self.table(data, "broker", {"socket", "socket_group"})
+        socket_path = broker.get("socket")
+        if socket_path is not None and (not isinstance(socket_path, str) or not os.path.isabs(socket_path)):
+            raise self.fail("broker.socket", "must be an absolute path")
+        group = broker.get("socket_group")
+        socket_group = None if group is None else self.gid(group, "broker.socket_group")
+
+        try:
+            limits = Limits.from_mapping(self.table(data, "limits", set()))
+        except ValueError as exc:
+            raise self.fail("limits", str(exc)) from None
+
+        channels = self.channels(self.table(data, "channels", set()), limits)
+        rules = self.rules(data.get("rules"))
+        status_table = self.table(data, "status", {"uids", "gids"})
+        if status_table:
+            status = self.principals(status_table, "status")
+        else:
+            status = Principals(uids=frozenset({os.getuid()}))
+        return BrokerConfig(
+            policy=Policy(rules=rules, status=status),
+            channels=channels,
+            limits=limits,
+            socket_path=socket_path,
+            socket_group=socket_group,
+            source=self.path,
+        )
+
+    def channels(self, table: dict[str, Any], limits: Limits) -> dict[str, ChannelSpec]:
+        specs = {}
+        for name, body in table.items():
+            key = f"channels.{name}"
+            if not valid_channel_name(name):
+                raise self.fail(key, "invalid channel name (letters, digits, '.', '_', '-'; at most 64)")
+            if not isinstance(body, dict):
+                raise self.fail(key, "must be a table with at least 'size'")
+            unknown = sorted(set(body) - {"size", "backend"})
+            if unknown:
+                raise self.fail(f"{key}.{unknown[0]}", "unknown key (known: backend, size)")
+            if "size" not in body:
+                raise self.fail(f"{key}.size", "missing; give the payload size, e.g. \"16MiB\"")
+            try:
+                size = parse_size(body["size"])
+            except ValueError as exc:
+                raise self.fail(f"{key}.size", str(exc)) from None
+            if size > limits.max_segment_size:
+                raise self.fail(f"{key}.size", f"{size} exceeds limits.max_segment_size ({limits.max_segment_size})")
+            backend = body.get("backend", "posix")
+            if backend not in BACKENDS:
+                raise self.fail(f"{key}.backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+            specs[name] = ChannelSpec(name=name, size=size, backend=backend)
+        return specs
+
+    def rules(self, value: Any) -> tuple[Rule, ...]:
+        if value is None:
+            raise self.fail("rules", "missing; add at least one [[rules]] table, or nobody can attach")
+        if not isinstance(value, list) or not value:
+            raise self.fail("rules", "must be a non-empty array of tables ([[rules]])")
+        rules = []
+        allowed = {"uids", "gids", "executables", "channels", "roles", "create"}
+        for i, body in enumerate(value):
+            key = f"rules[{i}]"
+            if not isinstance(body, dict):
+                raise self.fail(key, "must be a table")
+            unknown = sorted(set(body) - allowed)
+            if unknown:
+                raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
+            principals = self.principals(body, key)
+            executables = None
+            if "executables" in body:
+                paths = self.strings(body["executables"], f"{key}.executables")
+                for path in paths:
+                    if not os.path.isabs(path):
+                        raise self.fail(f"{key}.executables", f"{path!r} is not an absolute path")
+                try:
+                    executables = Executables.from_paths(paths)
+                except OSError as exc:
+                    raise self.fail(f"{key}.executables", f"{exc.filename}: {exc.strerror}") from None
+            channels = tuple(self.strings(body.get("channels", ["*"]), f"{key}.channels"))
+            roles = frozenset(self.strings(body.get("roles", sorted(ROLES)), f"{key}.roles"))
+            if not roles or not roles <= ROLES:
+                raise self.fail(f"{key}.roles", "must list 'producer' and/or 'consumer'")
+            create = body.get("create", False)
+            if not isinstance(create, bool):
+                raise self.fail(f"{key}.create", "must be true or false")
+            rules.append(Rule(principals, executables, channels, roles, create))
+        return tuple(rules)
+
+    def principals(self, body: dict[str, Any], key: str) -> Principals:
+        uids = [self.uid(u, f"{key}.uids") for u in self.list(body.get("uids", []), f"{key}.uids")]
+        gids = [self.gid(g, f"{key}.gids") for g in self.list(body.get("gids", []), f"{key}.gids")]
+        if not uids and not gids:
+            raise self.fail(key, "must name at least one of 'uids' or 'gids' (who the rule is for)")
+        return Principals(frozenset(uids), frozenset(gids))
+
+    def list(self, value: Any, key: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(key, "must be an array")
+        return value
+
+    def strings(self, value: Any, key: str) -> list[str]:
+        items = self.list(value, key)
+        if not all(isinstance(v, str) and v for v in items):
+            raise self.fail(key, "must be an array of non-empty strings")
+        return items
+
+    def uid(self, value: Any, key: str) -> int:
+        return self._id(value, key, lambda n: pwd.getpwnam(n).pw_uid, "user")
+
+    def gid(self, value: Any, key: str) -> int:
+        return self._id(value, key, lambda n: grp.getgrnam(n).gr_gid, "group")
+
+    def _id(self, value: Any, key: str, lookup: Callable[[str], int], what: str) -> int:
+        if isinstance(value, bool):
+            raise self.fail(key, f"{value!r} is not a {what} name or id")
+        if isinstance(value, int):
+            if not 0 <= value < 2**32 - 1:
+                raise self.fail(key, f"{value} is not a valid {what} id")
+            return value
+        if isinstance(value, str):
+            try:
+                return lookup(value)
+            except KeyError:
+                raise self.fail(key, f"no such {what}: {value!r}") from None
+        raise self.fail(key, f"{value!r} is not a {what} name or id")

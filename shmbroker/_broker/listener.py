@@ -1,0 +1,149 @@
+"""The listening socket: a private directory, one broker per path, no stale files."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+
+from ..errors import BrokerAlreadyRunning, ConfigError
+from .._sys.peercred import peer_credentials
+
+log = logging.getLogger(__name__)
+
+# Backlog for connections the kernel queues before accept(); the loop drains
+# it quickly, and the incomplete-connection cap applies after accept anyway.
+LISTEN_BACKLOG = 128
+
+
+class Listener:
+    """Owns the socket directory lock, the socket file and the listening socket."""
+
+    def __init__(self, path: str, group: int | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
+        self.group = group
+        self.sock: socket.socket | None = None
+        self._dir_fd = -1
+        self._created_dir = False
+        self._owns_path = False
+
+    def open(self) -> socket.socket:
+        self._prepare_directory()
+        self._lock_directory()
+        self._clear_stale_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.bind(self.path)
+            self._owns_path = True
+            # The directory already keeps others out; the socket's own mode is
+            # the second fence should someone loosen the directory later.
+            os.chmod(self.path, 0o660 if self.group is not None else 0o600)
+            if self.group is not None:
+                os.chown(self.path, -1, self.group)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            self.close()
+            raise
+        self.sock = sock
+        return sock
+
+    def adopt(self, sock: socket.socket) -> socket.socket:
+        """Use a socket handed over by systemd; it owns the path, we do not unlink it."""
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    def _prepare_directory(self) -> None:
+        mode = 0o750 if self.group is not None else 0o700
+        try:
+            os.mkdir(self.directory, mode)
+            self._created_dir = True
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise ConfigError(
+                f"cannot create socket directory {self.directory}: its parent does not exist"
+            ) from None
+        except PermissionError:
+            raise ConfigError(f"cannot create socket directory {self.directory}: permission denied") from None
+        st = os.lstat(self.directory)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{self.directory} is not a directory; pick another --socket path")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"socket directory {self.directory} belongs to uid {st.st_uid}, not the broker's "
+                f"uid {os.geteuid()}; put the socket in a directory of its own, e.g. "
+                f"{os.path.join(self.directory, 'shmbroker', os.path.basename(self.path))}"
+            )
+        os.chmod(self.directory, mode)
+        if self.group is not None:
+            os.chown(self.directory, -1, self.group)
+
+    def _lock_directory(self) -> None:
+        # flock on the directory itself: no lock file to leave behind, and the
+        # kernel drops it if the broker is killed.
+        self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+            raise BrokerAlreadyRunning(self._running_message()) from None
+
+    def _running_message(self) -> str:
+        pid = "?"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+                probe.settimeout(1.0)
+                probe.connect(self.path)
+                pid = str(peer_credentials(probe)[0])
+        except OSError:
+            pass
+        return (
+            f"a broker is already running on {self.path} (pid {pid}); stop it first, "
+            "or pass --socket to run another one elsewhere"
+        )
+
+    def _clear_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{self.path} exists and is not a socket; remove it or pick another --socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.path)
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                    raise
+            else:
+                raise BrokerAlreadyRunning(self._running_message())
+        log.info("removing stale socket %s left by a broker that is gone", self.path)
+        os.unlink(self.path)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._owns_path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._owns_path = False
+        if self._created_dir:
+            try:
+                os.rmdir(self.directory)
+            except OSError:
+                pass  # someone put something there; leave it
+            self._created_dir = False
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1

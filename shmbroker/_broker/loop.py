@@ -1,0 +1,617 @@
+"""The broker's event loop: wires the listener, peer verification, policy,
+segments and the sans-IO protocol together.  It holds no policy of its own.
+
+Single-threaded on purpose: every state change happens here, signals arrive
+through ``signal.set_wakeup_fd`` and are handled between events (never inside
+a signal handler), and deadlines are checked by the loop, not by alarms.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import __version__
+from .._layout import LAYOUT_VERSION
+from .._sys import fdpass
+from .._sys.peercred import peer_credentials
+from .._wire import messages as m
+from .._wire.connection import CLOSED, NEED_DATA, Connection, Side, State
+from ..errors import (
+    ChannelBusy,
+    ChannelNotFound,
+    LimitExceeded,
+    PermissionDenied,
+    ProtocolError,
+    ShmBrokerError,
+)
+from .auth import AuthError, VerifiedPeer, recheck, verify_peer
+from .config import BrokerConfig, ChannelSpec
+from .events import EventLog
+from .listener import Listener
+from .segments import Segment
+
+log = logging.getLogger(__name__)
+
+# How often the loop wakes up with nothing to do, to enforce deadlines and
+# to re-check leases in case a SIGIO was coalesced with another signal.
+TICK_SECONDS = 1.0
+# Largest read per recvmsg; frames are far smaller (limits.max_frame_size).
+RECV_SIZE = 64 * 1024
+# Accepts per loop iteration, so a connection storm cannot starve the
+# sessions that are already established.
+ACCEPT_BURST = 32
+
+_ERROR_CODES: dict[type[ShmBrokerError], str] = {
+    PermissionDenied: "permission_denied",
+    ChannelNotFound: "not_found",
+    ChannelBusy: "conflict",
+    LimitExceeded: "limit",
+    ProtocolError: "protocol",
+}
+
+
+class Channel:
+    """A named channel; it holds a segment only while someone is attached."""
+
+    def __init__(self, spec: ChannelSpec, *, configured: bool, owner_uid: int | None) -> None:
+        self.spec = spec
+        self.configured = configured
+        self.owner_uid = owner_uid  # charged for the segment when created on demand
+        self.segment: Segment | None = None
+        self.generation = 0
+        self.sessions: set[Session] = set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Session:
+    """One accepted connection from a verified peer."""
+
+    def __init__(self, sock: socket.socket, peer: VerifiedPeer, conn: Connection, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.conn = conn
+        self.deadline: float | None = deadline  # None once attached
+        self.channel: Channel | None = None
+        self.segment: Segment | None = None
+        self.role: str | None = None
+        self.attached_at: float | None = None
+        self.outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self.close_after_flush = False
+
+    @property
+    def uid(self) -> int:
+        return self.peer.identity.uid
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        socket_path: str,
+        *,
+        listen_socket: socket.socket | None = None,
+        on_ready: Callable[[Broker], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.limits = config.limits
+        self.listener = Listener(socket_path, config.socket_group)
+        self._adopted = listen_socket
+        self._on_ready = on_ready
+        self.events = EventLog()
+        self.channels: dict[str, Channel] = {
+            name: Channel(spec, configured=True, owner_uid=None) for name, spec in config.channels.items()
+        }
+        self.sessions: dict[int, Session] = {}
+        self.selector = selectors.DefaultSelector()
+        self.started = time.time()
+        self._running = False
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+        self._old_wakeup = -1
+        self._old_handlers: dict[int, Any] = {}
+        self._bytes_by_uid: collections.Counter[int] = collections.Counter()
+        self._segments_by_uid: collections.Counter[int] = collections.Counter()
+
+    # -- lifecycle ---------------------------------------------------------
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; always wipes segments and removes the socket."""
+        try:
+            self._setup()
+            self._running = True
+            if self._on_ready is not None:
+                self._on_ready(self)
+            while self._running:
+                self._iterate()
+        finally:
+            self._teardown()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def _setup(self) -> None:
+        # Install the handlers before any segment (and so any lease) exists:
+        # a lease break sends SIGIO, whose default action kills the process.
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._old_wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGIO, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+            self._old_handlers[signum] = signal.signal(signum, _note_signal)
+        sock = self.listener.adopt(self._adopted) if self._adopted else self.listener.open()
+        self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
+        log.info(
+            "broker %s listening on %s (pid %d, uid %d, policy %s)",
+            __version__, self.listener.path, os.getpid(), os.getuid(), self.config.source or "default",
+        )
+
+    def _teardown(self) -> None:
+        for session in list(self.sessions.values()):
+            self._close_session(session, recheck_identity=False)
+        for channel in self.channels.values():
+            self._release_segment(channel)
+        self.selector.close()
+        self.listener.close()
+        if self._wakeup_w >= 0:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
+            self._wakeup_r = self._wakeup_w = -1
+        log.info("broker stopped; every segment was wiped")
+
+    # -- the loop ----------------------------------------------------------
+    def _iterate(self) -> None:
+        now = time.monotonic()
+        deadlines = [s.deadline for s in self.sessions.values() if s.deadline is not None]
+        timeout = min([TICK_SECONDS, *(d - now for d in deadlines)])
+        for key, mask in self.selector.select(max(timeout, 0.0)):
+            key.data(key, mask)
+        self._expire_deadlines()
+        self._check_leases()
+
+    def _on_signal(self, key: selectors.SelectorKey, mask: int) -> None:
+        try:
+            received = os.read(self._wakeup_r, 512)
+        except BlockingIOError:
+            return
+        signums = set(received)
+        if signal.SIGUSR1 in signums:
+            self.panic()
+        if signums & {signal.SIGTERM, signal.SIGINT}:
+            log.info("received %s; shutting down", ", ".join(signal.Signals(s).name for s in sorted(signums & {signal.SIGTERM, signal.SIGINT})))
+            self._running = False
+        # SIGIO (and anything else): leases are checked after every iteration.
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for session in [s for s in self.sessions.values() if s.deadline is not None and s.deadline <= now]:
+            self.events.count("handshake_timeouts")
+            log.info("pid %d did not finish its handshake within %.1fs; dropped", session.peer.identity.pid, self.limits.handshake_timeout)
+            self._fail(session, m.Error("timeout", f"handshake not finished within {self.limits.handshake_timeout:g}s"))
+
+    # -- accepting -----------------------------------------------------------
+    def _on_accept(self, key: selectors.SelectorKey, mask: int) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE: leave the connection queued; the loop tick retries.
+                log.error("accept failed: %s", exc.strerror)
+                self.events.count("accept_errors")
+                return
+            self.events.count("connections_accepted")
+            sock.setblocking(False)
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        incomplete = sum(1 for s in self.sessions.values() if s.deadline is not None)
+        if len(self.sessions) >= self.limits.max_connections:
+            self._refuse(sock, m.Error("limit", f"broker is at its connection limit ({self.limits.max_connections}); try again later"))
+            return
+        if incomplete >= self.limits.max_incomplete_connections:
+            self._refuse(sock, m.Error("limit", "too many connections are still in their handshake; try again later"))
+            return
+        try:
+            peer = verify_peer(sock)
+        except AuthError as exc:
+            self._reject(sock, str(exc), None, None)
+            return
+        except Exception as exc:  # fail closed: an unexpected error is a rejection
+            log.exception("peer verification failed unexpectedly")
+            self._reject(sock, f"peer could not be verified ({type(exc).__name__})", None, None)
+            return
+        identity = peer.identity
+        try:
+            self.policy.admit(identity)
+        except PermissionDenied as exc:
+            peer.close()
+            self._reject(sock, str(exc), identity.pid, identity.uid)
+            return
+        except Exception as exc:
+            peer.close()
+            log.exception("policy check failed unexpectedly")
+            self._reject(sock, f"policy check failed ({type(exc).__name__})", identity.pid, identity.uid)
+            return
+        per_uid = sum(1 for s in self.sessions.values() if s.uid == identity.uid)
+        if per_uid >= self.limits.max_connections_per_uid:
+            peer.close()
+            self._refuse(sock, m.Error("limit", f"uid {identity.uid} already has {per_uid} connections (limit {self.limits.max_connections_per_uid})"))
+            return
+        conn = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size, max_pending_frames=self.limits.max_pending_frames)
+        session = Session(sock, peer, conn, time.monotonic() + self.limits.handshake_timeout)
+        self.sessions[sock.fileno()] = session
+        self.selector.register(sock, selectors.EVENT_READ, self._on_session)
+        self.events.count("peers_verified")
+        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
+
+    def _reject(self, sock: socket.socket, reason: str, pid: int | None, uid: int | None) -> None:
+        if pid is None:
+            try:
+                pid, uid, _ = peer_credentials(sock)
+            except OSError:
+                pass
+        self.events.record("peer_rejected", reason, pid=pid, uid=uid)
+        message = reason if reason.startswith("permission denied") else f"permission denied: {reason}"
+        self._refuse(sock, m.Error("permission_denied", message))
+
+    def _refuse(self, sock: socket.socket, error: m.Error) -> None:
+        """Tell a peer we will not serve it, without ever waiting on it."""
+        self.events.count("connections_refused")
+        frame = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size).send(error)
+        _drain(sock)
+        try:
+            sock.send(frame)
+        except OSError:
+            pass
+        sock.close()
+
+    # -- sessions ------------------------------------------------------------
+    def _on_session(self, key: selectors.SelectorKey, mask: int) -> None:
+        session = self.sessions.get(key.fd)
+        if session is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(session)
+            if session.sock.fileno() < 0:
+                return
+        if mask & selectors.EVENT_READ:
+            self._read(session)
+
+    def _read(self, session: Session) -> None:
+        try:
+            data, fds, flags = fdpass.recv_with_fds(session.sock, RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data, fds, flags = b"", [], 0
+            if exc.errno != errno.ECONNRESET:
+                log.info("read from pid %d failed: %s", session.peer.identity.pid, exc.strerror)
+        if fds or flags & socket.MSG_CTRUNC:
+            fdpass.close_all(fds)
+            self.events.count("fd_violations")
+            log.warning("pid %d sent %d file descriptor(s); closed them and dropped the client", session.peer.identity.pid, len(fds))
+            self._fail(session, m.Error("protocol", "clients may not send file descriptors"))
+            return
+        try:
+            session.conn.receive_data(data)
+            self._process(session)
+        except ProtocolError as exc:
+            self.events.count("protocol_errors")
+            log.info("protocol error from pid %d: %s", session.peer.identity.pid, exc)
+            self._fail(session, m.Error("protocol", f"protocol error: {exc}"))
+
+    def _process(self, session: Session) -> None:
+        while session.sock.fileno() >= 0 and not session.close_after_flush:
+            event = session.conn.next_event()
+            if event is NEED_DATA:
+                return
+            if event is CLOSED:
+                self._close_session(session, recheck_identity=True)
+                return
+            assert isinstance(event, m.Message)
+            try:
+                self._handle(session, event)
+            except ShmBrokerError as exc:
+                code = _ERROR_CODES.get(type(exc), "internal")
+                self._send(session, m.Error(code, str(exc)))
+            except Exception as exc:  # never let one client's request kill the loop
+                log.exception("internal error handling %s from pid %d", event.TYPE, session.peer.identity.pid)
+                self._send(session, m.Error("internal", f"internal broker error ({type(exc).__name__}); see the broker log"))
+
+    def _handle(self, session: Session, event: m.Message) -> None:
+        if isinstance(event, m.Hello):
+            self._send(session, m.Welcome(version=m.PROTOCOL_VERSION, broker_pid=os.getpid()))
+        elif isinstance(event, m.Attach):
+            self._attach(session, event)
+        elif isinstance(event, m.Detach):
+            reason = self._end_attachment(session, recheck_identity=True)
+            self._send(session, m.Detached())
+            session.close_after_flush = True
+            if reason:
+                log.info("pid %d detached after an identity change", session.peer.identity.pid)
+            self._flush(session)
+        elif isinstance(event, m.StatusRequest):
+            if not self.policy.may_query_status(session.peer.identity):
+                raise PermissionDenied(
+                    f"permission denied: uid {session.uid} may not query status ({self.policy.status.describe()})"
+                )
+            self._send(session, m.StatusReply(status=self.status()))
+        else:  # pragma: no cover - the connection only surfaces requests
+            raise ProtocolError(f"unexpected {event.TYPE}")
+
+    def _send(self, session: Session, message: m.Message, fds: list[int] | None = None) -> None:
+        frame = session.conn.send(message)
+        session.outq.append((memoryview(frame), list(fds or [])))
+        self._flush(session)
+
+    def _flush(self, session: Session) -> None:
+        while session.outq:
+            data, fds = session.outq[0]
+            try:
+                sent = fdpass.send_with_fds(session.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                self.selector.modify(session.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_session)
+                return
+            except OSError:
+                self._close_session(session, recheck_identity=True)
+                return
+            # SCM_RIGHTS travel with the first byte; never send them twice.
+            if sent < len(data):
+                session.outq[0] = (data[sent:], [])
+            else:
+                session.outq.popleft()
+        if session.close_after_flush:
+            self._close_session(session, recheck_identity=False)
+            return
+        try:
+            self.selector.modify(session.sock, selectors.EVENT_READ, self._on_session)
+        except (KeyError, ValueError):
+            pass
+
+    def _fail(self, session: Session, error: m.Error) -> None:
+        """Best-effort error reply, then close; a stalled peer never blocks us."""
+        try:
+            frame = session.conn.send(error)
+            session.sock.send(frame, socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            pass
+        self._close_session(session, recheck_identity=True)
+
+    def _close_session(self, session: Session, *, recheck_identity: bool) -> None:
+        if self.sessions.pop(session.sock.fileno(), None) is None:
+            return
+        self._end_attachment(session, recheck_identity=recheck_identity)
+        try:
+            self.selector.unregister(session.sock)
+        except (KeyError, ValueError):
+            pass
+        session.sock.close()
+        session.peer.close()
+        session.outq.clear()
+
+    # -- attachments -------------------------------------------------------
+    def _attach(self, session: Session, request: m.Attach) -> None:
+        identity = session.peer.identity
+        self.policy.authorize_attach(identity, request.channel, request.role)
+        channel = self.channels.get(request.channel)
+        if channel is None:
+            channel = self._create_channel(session, request)
+        elif request.size is not None and request.size != channel.spec.size:
+            raise ChannelBusy(
+                f"channel {request.channel!r} exists with size {channel.spec.size}, not {request.size}; "
+                "attach without size= to use it as it is"
+            )
+        segment = channel.segment
+        if segment is None:
+            segment = self._new_segment(channel)
+        channel.sessions.add(session)
+        session.channel, session.segment, session.role = channel, segment, request.role
+        session.deadline = None
+        session.attached_at = time.time()
+        self.events.count("attaches")
+        log.info(
+            "attached pid %d uid %d exe %s to channel %r as %s (size %d, generation %d)",
+            identity.pid, identity.uid, identity.exe_path, channel.name, request.role, segment.size, segment.generation,
+        )
+        reply = m.Attached(
+            channel=channel.name, role=request.role, size=segment.size,
+            generation=segment.generation, layout=LAYOUT_VERSION, fds=("segment",),
+        )
+        self._send(session, reply, [segment.fd])
+
+    def _create_channel(self, session: Session, request: m.Attach) -> Channel:
+        identity = session.peer.identity
+        if request.size is None:
+            raise ChannelNotFound(
+                f"channel {request.channel!r} does not exist; a producer creates it by attaching with size=N"
+            )
+        if not self.policy.may_create(identity, request.channel, request.role):
+            if request.role != "producer":
+                raise ChannelNotFound(
+                    f"channel {request.channel!r} does not exist and only producers may create channels"
+                )
+            raise PermissionDenied(
+                f"permission denied: uid {identity.uid} may not create channel {request.channel!r} "
+                "(no rule with create = true covers it)"
+            )
+        limits = self.limits
+        if request.size > limits.max_segment_size:
+            raise LimitExceeded(f"size {request.size} exceeds the broker's max_segment_size ({limits.max_segment_size})")
+        if self._segments_by_uid[identity.uid] >= limits.max_segments_per_uid:
+            raise LimitExceeded(f"uid {identity.uid} already owns {limits.max_segments_per_uid} channels (max_segments_per_uid)")
+        if self._bytes_by_uid[identity.uid] + request.size > limits.max_bytes_per_uid:
+            raise LimitExceeded(
+                f"uid {identity.uid} would own {self._bytes_by_uid[identity.uid] + request.size} bytes of segments, "
+                f"over max_bytes_per_uid ({limits.max_bytes_per_uid})"
+            )
+        spec = ChannelSpec(name=request.channel, size=request.size)
+        channel = Channel(spec, configured=False, owner_uid=identity.uid)
+        self.channels[channel.name] = channel
+        self._segments_by_uid[identity.uid] += 1
+        self._bytes_by_uid[identity.uid] += request.size
+        log.info("uid %d created channel %r (%d bytes)", identity.uid, channel.name, request.size)
+        return channel
+
+    def _new_segment(self, channel: Channel) -> Segment:
+        try:
+            segment = Segment.create(
+                channel.spec.size, channel.generation + 1,
+                on_lease_failure=lambda: self.events.count("lease_failures"),
+            )
+        except OSError as exc:
+            if not channel.configured and not channel.sessions:
+                self._forget_channel(channel)
+            raise LimitExceeded(f"could not create a segment for {channel.name!r}: {exc.strerror or exc}") from None
+        channel.generation = segment.generation
+        channel.segment = segment
+        self.events.count("segments_created")
+        return segment
+
+    def _end_attachment(self, session: Session, *, recheck_identity: bool) -> str | None:
+        channel, segment = session.channel, session.segment
+        if channel is None:
+            return None
+        session.channel = session.segment = None
+        channel.sessions.discard(session)
+        self.events.count("detaches")
+        reason = recheck(session.peer) if recheck_identity else None
+        identity = session.peer.identity
+        if reason is not None:
+            self.events.record("identity_changed", reason, pid=identity.pid, uid=identity.uid, channel=channel.name)
+            if segment is not None and segment is channel.segment:
+                self._revoke(channel)
+        log.info("detached pid %d from channel %r", identity.pid, channel.name)
+        if not channel.sessions:
+            self._release_segment(channel)
+        return reason
+
+    def _revoke(self, channel: Channel) -> None:
+        """Wipe the channel's segment for everyone attached and stop handing it out."""
+        segment = channel.segment
+        if segment is None:
+            return
+        segment.wipe()
+        self.events.count("segments_wiped")
+        segment.close()
+        channel.segment = None
+
+    def _release_segment(self, channel: Channel) -> None:
+        """Nobody is attached any more: zeroize and free the memory."""
+        if channel.segment is not None:
+            self._revoke(channel)
+        if not channel.configured and not channel.sessions:
+            self._forget_channel(channel)
+
+    def _forget_channel(self, channel: Channel) -> None:
+        if self.channels.get(channel.name) is channel:
+            del self.channels[channel.name]
+            if channel.owner_uid is not None:
+                self._segments_by_uid[channel.owner_uid] -= 1
+                self._bytes_by_uid[channel.owner_uid] -= channel.spec.size
+
+    # -- intrusions and panic ------------------------------------------------
+    def _check_leases(self) -> None:
+        for channel in list(self.channels.values()):
+            segment = channel.segment
+            if segment is None or segment.lease_intact():
+                continue
+            # Someone open()ed or truncated the unlinked object (root through
+            # /proc/PID/fd/N).  Wipe before releasing the lease: the opener's
+            # open() is blocked until then, so all it can ever see is zeros.
+            segment.wipe()
+            self.events.record(
+                "lease_broken",
+                f"segment of channel {channel.name!r} (generation {segment.generation}) was opened or truncated "
+                "by another process; wiped and revoked",
+                channel=channel.name,
+            )
+            self.events.count("segments_wiped")
+            segment.close()
+            channel.segment = None
+
+    def panic(self) -> None:
+        """SIGUSR1: wipe and revoke every segment at once."""
+        wiped = 0
+        for channel in self.channels.values():
+            if channel.segment is not None:
+                self._revoke(channel)
+                wiped += 1
+        self.events.record("panic_wipe", f"panic signal: wiped and revoked {wiped} segment(s)")
+
+    # -- status ----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        channels = []
+        for channel in sorted(self.channels.values(), key=lambda c: c.name):
+            peers = [
+                {
+                    "pid": s.peer.identity.pid,
+                    "uid": s.peer.identity.uid,
+                    "gid": s.peer.identity.gid,
+                    "exe": s.peer.identity.exe_path,
+                    "role": s.role,
+                    "generation": s.segment.generation if s.segment else None,
+                    "attached_at": s.attached_at,
+                }
+                for s in sorted(channel.sessions, key=lambda s: s.attached_at or 0)
+            ]
+            channels.append(
+                {
+                    "name": channel.name,
+                    "size": channel.spec.size,
+                    "backend": channel.spec.backend,
+                    "configured": channel.configured,
+                    "generation": channel.generation,
+                    "live": channel.segment is not None,
+                    "peers": peers,
+                }
+            )
+        return {
+            "broker": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "socket": self.listener.path,
+                "started": self.started,
+                "policy": self.config.source or "default",
+            },
+            "channels": channels,
+            "connections": len(self.sessions),
+            "counters": dict(sorted(self.events.counters.items())),
+            "security_events": [e.as_dict() for e in self.events.events],
+        }
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """Do nothing: set_wakeup_fd already queued the signal number for the loop."""
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read and discard what a refused peer sent, closing any fds it passed.
+
+    Closing an AF_UNIX socket with unread data makes the peer's next read fail
+    with ECONNRESET before it sees our error frame; draining first lets the
+    refusal reason reach it.
+    """
+    for _ in range(4):
+        try:
+            data, fds, _ = fdpass.recv_with_fds(sock, RECV_SIZE, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        fdpass.close_all(fds)
+        if not data:
+            return

@@ -1,0 +1,112 @@
+"""Segments: unlinked, leased shared-memory objects only the broker can vouch for.
+
+Creation order (each step is what makes the next one meaningful):
+1. shm_open(O_CREAT|O_EXCL, mode 0) under an unguessable name;
+2. shm_unlink at once, so the name exists only for this window;
+3. F_SETLEASE(F_WRLCK): granted only if no other open exists, which proves
+   nobody opened the object during the window; otherwise it is discarded;
+4. ftruncate and write the header.
+
+The broker never reads or writes segment memory through a mapping: a peer
+holding the fd could ftruncate the object and the next access would SIGBUS
+the whole broker, which Python cannot recover from.  pwrite(2) on a short
+file merely extends it, so all broker-side writes (header, wipes) go through
+the fd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+
+from .._layout import REVOKED, REVOKED_OFFSET, Header, segment_length
+from .._sys import lease, shm
+
+log = logging.getLogger(__name__)
+
+# Retries when an attacker pre-creates our (128-bit random) name, or the
+# lease shows someone opened it in the window.  Either is already an attack;
+# a handful of retries keeps the broker serving without spinning forever.
+MAX_CREATE_ATTEMPTS = 8
+_WIPE_CHUNK = bytes(1 << 20)
+
+
+class LeaseUnavailable(Exception):
+    """The object was opened by someone else before we could lease it."""
+
+
+class Segment:
+    """One shared-memory object owned by the broker."""
+
+    def __init__(self, fd: int, size: int, generation: int, flags: int = 0) -> None:
+        self.fd = fd
+        self.size = size
+        self.length = segment_length(size)
+        self.generation = generation
+        self.flags = flags
+        self.revoked = False
+
+    @classmethod
+    def create(
+        cls, size: int, generation: int, *, on_lease_failure: Callable[[], None] | None = None
+    ) -> Segment:
+        for _ in range(MAX_CREATE_ATTEMPTS):
+            name = "/shmbroker-" + secrets.token_hex(16)
+            try:
+                fd = shm.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
+            except FileExistsError:
+                log.warning("segment name %s already exists; someone is squatting names, retrying", name)
+                continue
+            try:
+                shm.shm_unlink(name)
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                lease.take_write_lease(fd)
+            except OSError as exc:
+                os.close(fd)
+                log.warning("segment %s was opened by another process before it could be leased (%s); discarded", name, exc.strerror)
+                if on_lease_failure is not None:
+                    on_lease_failure()
+                continue
+            segment = cls(fd, size, generation)
+            try:
+                os.ftruncate(fd, segment.length)
+                segment._write_header()
+            except BaseException:
+                segment.close()
+                raise
+            return segment
+        raise OSError("could not create a private segment after several attempts (see warnings above)")
+
+    def _write_header(self) -> None:
+        header = Header(size=self.size, generation=self.generation, flags=self.flags, revoked=self.revoked)
+        os.pwrite(self.fd, header.pack(), 0)
+
+    def lease_intact(self) -> bool:
+        try:
+            return lease.holds_write_lease(self.fd)
+        except OSError:
+            return False
+
+    def wipe(self) -> None:
+        """Zero every byte (header included), then set the revoked word."""
+        offset = 0
+        while offset < self.length:
+            chunk = _WIPE_CHUNK[: min(len(_WIPE_CHUNK), self.length - offset)]
+            offset += os.pwrite(self.fd, chunk, offset)
+        os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
+        self.revoked = True
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            lease.release_lease(self.fd)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1

@@ -1,0 +1,309 @@
+"""The client side: talk to the broker, receive and check the segment, map it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import time
+from types import TracebackType
+from typing import Any
+
+from . import errors
+from ._layout import HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
+from ._paths import default_socket_path
+from ._sys import fdpass
+from ._sys.mapping import Mapping
+from ._wire import messages as m
+from ._wire.connection import CLOSED, NEED_DATA, Connection, Side
+
+# Replies can be larger than requests (status lists every peer and recent
+# event), but a broker that sends more than this is broken or not a broker.
+MAX_REPLY_FRAME = 16 * 1024 * 1024
+# How long close() waits for the broker to confirm a detach.  Detach is a
+# courtesy (the broker also notices the socket closing), so keep it short.
+DETACH_TIMEOUT = 1.0
+
+_ERRORS: dict[str, type[errors.ShmBrokerError]] = {
+    "protocol": errors.ProtocolError,
+    "version": errors.ProtocolError,
+    "permission_denied": errors.PermissionDenied,
+    "not_found": errors.ChannelNotFound,
+    "busy": errors.ChannelBusy,
+    "conflict": errors.ChannelBusy,
+    "limit": errors.LimitExceeded,
+    "timeout": errors.Timeout,
+    "revoked": errors.ChannelRevoked,
+    "shutdown": errors.BrokerUnavailable,
+    "internal": errors.ShmBrokerError,
+}
+
+
+class _Link:
+    """One connection to the broker, with a deadline on every blocking step."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.deadline = time.monotonic() + timeout
+        self.fds: list[int] = []
+        self.conn = Connection(Side.CLIENT, max_frame_size=MAX_REPLY_FRAME)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._arm()
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            raise errors.BrokerUnavailable(
+                f"no broker is listening on {path}; start one with `shmbroker serve` "
+                "or pass the socket path of a running broker"
+            ) from None
+        except PermissionError:
+            self.sock.close()
+            raise errors.PermissionDenied(
+                f"permission denied connecting to {path}: the broker's socket directory does not admit "
+                "this user (ask its operator for the socket group)"
+            ) from None
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _arm(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.Timeout(f"the broker at {self.path} did not answer in time")
+        self.sock.settimeout(remaining)
+
+    def send(self, *messages: m.Message) -> None:
+        data = b"".join(self.conn.send(msg) for msg in messages)
+        try:
+            self._arm()
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise errors.Timeout(f"the broker at {self.path} did not accept our request in time") from None
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                self._raise_pending_error()
+            raise errors.BrokerUnavailable(f"lost the connection to the broker at {self.path}: {exc.strerror}") from None
+
+    def _raise_pending_error(self) -> None:
+        """The broker hung up on us; it may have said why before it did."""
+        try:
+            self.sock.settimeout(0.2)
+            reply = self.receive()
+        except errors.ShmBrokerError as exc:
+            if isinstance(exc, (errors.BrokerUnavailable, errors.Timeout)):
+                return
+            raise
+        raise errors.ProtocolError(f"unexpected {reply.TYPE} from the broker")
+
+    def receive(self) -> m.Message:
+        """The next message; an Error reply is raised as the matching exception."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except errors.ProtocolError as exc:
+                raise errors.ProtocolError(f"the broker at {self.path} sent a malformed reply: {exc}") from None
+            if event is CLOSED:
+                raise errors.BrokerUnavailable(f"the broker at {self.path} closed the connection")
+            if event is not NEED_DATA:
+                assert isinstance(event, m.Message)
+                if isinstance(event, m.Error):
+                    raise _ERRORS.get(event.code, errors.ShmBrokerError)(event.message)
+                return event
+            self._fill()
+
+    def _fill(self) -> None:
+        try:
+            self._arm()
+            data, fds, flags = fdpass.recv_with_fds(self.sock, 65536)
+        except TimeoutError:
+            raise errors.Timeout(f"the broker at {self.path} did not answer in time") from None
+        except ConnectionResetError:
+            data, fds, flags = b"", [], 0
+        except OSError as exc:
+            raise errors.BrokerUnavailable(f"lost the connection to the broker at {self.path}: {exc.strerror}") from None
+        self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            # The kernel dropped fds it could not install (our RLIMIT_NOFILE,
+            # or a hostile sender); we cannot know what was meant for us.
+            raise errors.ProtocolError(
+                "file descriptors from the broker were truncated (MSG_CTRUNC): this process is probably "
+                "at its open-file limit (ulimit -n)"
+            )
+        self.conn.receive_data(data)
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close(self) -> None:
+        fdpass.close_all(self.take_fds())
+        self.sock.close()
+
+
+def _resolve_path(socket_path: str | os.PathLike[str] | None) -> str:
+    if socket_path is not None:
+        return os.fspath(socket_path)
+    try:
+        return default_socket_path()
+    except errors.ConfigError as exc:
+        raise errors.BrokerUnavailable(str(exc)) from None
+
+
+class Attachment:
+    """A mapped segment of a channel, valid until :meth:`close`.
+
+    ``buf`` is a memoryview of the payload (writable for producers).  After
+    :meth:`close` the segment is unmapped for this process; a view obtained
+    from ``buf`` that is still alive then reads zeros and its writes go
+    nowhere: it never crashes the process, and never reaches the segment.
+    """
+
+    def __init__(self, link: _Link, mapping: Mapping, reply: m.Attached) -> None:
+        self._link: _Link | None = link
+        self._mapping = mapping
+        self.channel: str = reply.channel
+        self.role: str = reply.role
+        self.size: int = reply.size
+        self.generation: int = reply.generation
+        self._header = mapping.view[:HEADER_SIZE]
+        self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+
+    @property
+    def closed(self) -> bool:
+        return self._link is None
+
+    @property
+    def revoked(self) -> bool:
+        """True once the broker wiped this segment (lease break, identity change, panic)."""
+        if self._link is None:
+            return True
+        return REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0] != 0
+
+    def check(self) -> None:
+        """Raise ChannelRevoked if the broker revoked the segment."""
+        if self.revoked:
+            raise errors.ChannelRevoked(
+                f"channel {self.channel!r} (generation {self.generation}) was revoked by the broker; "
+                "attach again for a fresh segment"
+            )
+
+    def close(self) -> None:
+        """Detach: tell the broker, unmap the segment.  Safe to call twice."""
+        link, self._link = self._link, None
+        if link is None:
+            return
+        try:
+            link.deadline = time.monotonic() + DETACH_TIMEOUT
+            link.send(m.Detach())
+            link.receive()
+        except errors.ShmBrokerError:
+            pass  # the broker is gone or refused; closing the socket detaches anyway
+        finally:
+            link.close()
+            for view in (self.buf, self._header):
+                try:
+                    view.release()
+                except BufferError:
+                    pass
+            self._mapping.close()
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"generation {self.generation}"
+        return f"<Attachment channel={self.channel!r} role={self.role} size={self.size} {state}>"
+
+
+class ShmClient:
+    """Entry point for applications: attach to a channel, or ask for status."""
+
+    @classmethod
+    def attach(
+        cls,
+        channel: str,
+        role: str = "producer",
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        size: int | None = None,
+        timeout: float = 5.0,
+    ) -> Attachment:
+        """Attach to ``channel`` as ``"producer"`` or ``"consumer"``.
+
+        A producer passing ``size=`` creates the channel if it does not exist
+        and the broker's policy allows it.  Raises a subclass of
+        :class:`shmbroker.errors.ShmBrokerError` on refusal.
+        """
+        if role not in m.ROLES:
+            raise ValueError(f"role must be 'producer' or 'consumer', not {role!r}")
+        if not isinstance(channel, str) or not m.valid_channel_name(channel):
+            raise ValueError(
+                f"invalid channel name {channel!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ValueError(f"size must be a positive number of bytes, not {size!r}")
+        link = _Link(_resolve_path(socket_path), timeout)
+        try:
+            link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size))
+            link.receive()  # welcome
+            reply = link.receive()
+            if not isinstance(reply, m.Attached):
+                raise errors.ProtocolError(f"the broker answered attach with {reply.TYPE}")
+            mapping = _map_segment(reply, link.take_fds())
+        except BaseException:
+            link.close()
+            raise
+        return Attachment(link, mapping, reply)
+
+    @classmethod
+    def status(cls, *, socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's status: channels, attached peers, counters, security events."""
+        link = _Link(_resolve_path(socket_path), timeout)
+        try:
+            link.send(m.Hello(), m.StatusRequest())
+            link.receive()
+            reply = link.receive()
+            if not isinstance(reply, m.StatusReply):
+                raise errors.ProtocolError(f"the broker answered status with {reply.TYPE}")
+            return dict(reply.status)
+        finally:
+            link.close()
+
+
+def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
+    """Check the fds the broker sent, map the segment, close every fd."""
+    try:
+        if reply.fds != ("segment",) or len(fds) != 1:
+            raise errors.ProtocolError(
+                f"the broker sent {len(fds)} file descriptor(s) for {list(reply.fds)}; expected one segment"
+            )
+        if reply.layout != LAYOUT_VERSION:
+            raise errors.SegmentError(
+                f"segment layout {reply.layout} is not the {LAYOUT_VERSION} this client understands; "
+                "upgrade shmbroker on one side"
+            )
+        fd = fds[0]
+        st = os.fstat(fd)
+        length = segment_length(reply.size)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.SegmentError("the broker sent something that is not a shared-memory object")
+        if st.st_nlink != 0 or stat.S_IMODE(st.st_mode) != 0:
+            raise errors.SegmentError(
+                "the segment is still linked or has a non-zero mode, so others could open it; refusing to use it"
+            )
+        if st.st_size != length:
+            raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
+        mapping = Mapping(fd, length, writable=reply.role == "producer")
+    finally:
+        fdpass.close_all(fds)
+    header = parse_header(mapping.view)
+    if header is None or header.revoked or header.size != reply.size or header.generation != reply.generation:
+        mapping.close()
+        raise errors.SegmentError("the segment header does not match what the broker announced; refusing it")
+    return mapping

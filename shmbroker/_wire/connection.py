@@ -1,0 +1,169 @@
+"""Per-connection protocol state, for either end, in the style of h11.
+
+The broker end enforces the conversation: ``hello`` first, at most one
+``attach`` per connection, ``detach`` only when attached, and one request in
+flight at a time (the next request is not surfaced until the previous one
+got its reply, so a client pipelining requests cannot make the broker queue
+work).  The client end checks that each reply answers the request it sent.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from ..errors import ProtocolError
+from . import messages as m
+from .frames import FrameDecoder, encode_frame
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    BROKER = "broker"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    READY = "ready"  # hello done, nothing attached
+    ATTACHED = "attached"
+    DONE = "done"  # detached: only closing remains
+    ERROR = "error"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class _Closed:
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+NEED_DATA = _NeedData()
+CLOSED = _Closed()
+
+_REPLIES_TO: dict[type[m.Message], tuple[type[m.Message], ...]] = {
+    m.Hello: (m.Welcome, m.Error),
+    m.Attach: (m.Attached, m.Error),
+    m.Detach: (m.Detached, m.Error),
+    m.StatusRequest: (m.StatusReply, m.Error),
+}
+
+
+class Connection:
+    def __init__(self, side: Side, *, max_frame_size: int, max_pending_frames: int = 16) -> None:
+        self.side = side
+        self.state = State.AWAIT_HELLO
+        self._max_frame_size = max_frame_size
+        self._decoder = FrameDecoder(max_frame_size, max_buffered=max_pending_frames * (max_frame_size + 4))
+        self._eof = False
+        # Requests awaiting a reply: the broker end sees at most one, the
+        # client end may pipeline (hello + attach in one write).
+        self._pending: deque[type[m.Message]] = deque()
+        self._incoming = m.REQUESTS if side is Side.BROKER else m.REPLIES
+
+    # -- receiving ---------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the socket; ``b""`` means the peer closed."""
+        if not data:
+            self._eof = True
+            return
+        try:
+            self._decoder.feed(data)
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def next_event(self) -> m.Message | _NeedData | _Closed:
+        if self.state is State.ERROR:
+            raise ProtocolError("connection already failed")
+        if self.side is Side.BROKER and self._pending:
+            return NEED_DATA  # paused until the current request is answered
+        try:
+            body = self._decoder.next_frame()
+            if body is None:
+                if self._eof:
+                    if self._decoder.buffered:
+                        raise ProtocolError("peer closed the connection in the middle of a frame")
+                    return CLOSED
+                return NEED_DATA
+            message = m.decode(body, self._incoming)
+            self._accept(message)
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
+        return message
+
+    def _accept(self, message: m.Message) -> None:
+        if self.side is Side.CLIENT:
+            self._accept_reply(message)
+        else:
+            self._accept_request(message)
+
+    def _accept_request(self, message: m.Message) -> None:
+        kind = type(message)
+        if self.state is State.AWAIT_HELLO:
+            if kind is not m.Hello:
+                raise ProtocolError(f"expected hello first, got {message.TYPE}")
+            assert isinstance(message, m.Hello)
+            if message.version != m.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"unsupported protocol version {message.version}; this broker speaks "
+                    f"version {m.PROTOCOL_VERSION}: upgrade shmbroker on one side"
+                )
+        elif kind is m.Hello:
+            raise ProtocolError("hello sent twice")
+        elif kind is m.Attach and self.state is not State.READY:
+            raise ProtocolError("only one attach per connection; open a new connection")
+        elif kind is m.Detach and self.state is not State.ATTACHED:
+            raise ProtocolError("detach without an attachment")
+        elif self.state is State.DONE:
+            raise ProtocolError(f"{message.TYPE} after detach")
+        self._pending.append(kind)
+
+    def _accept_reply(self, message: m.Message) -> None:
+        if not self._pending:
+            if isinstance(message, m.Error):
+                return  # the broker may refuse at any time (deadline, shutdown)
+            raise ProtocolError(f"unsolicited {message.TYPE} from broker")
+        request = self._pending.popleft()
+        if type(message) not in _REPLIES_TO[request]:
+            raise ProtocolError(f"broker answered {request.TYPE} with {message.TYPE}")
+        self._advance(request, message)
+
+    # -- sending -----------------------------------------------------------
+    def send(self, message: m.Message) -> bytes:
+        """Encode a message for the wire, checking that it fits the conversation."""
+        if self.side is Side.CLIENT:
+            if type(message) not in m.REQUESTS.values():
+                raise ValueError(f"a client cannot send {message.TYPE}")
+            self._pending.append(type(message))
+        else:
+            if type(message) not in m.REPLIES.values():
+                raise ValueError(f"a broker cannot send {message.TYPE}")
+            if self._pending:
+                request = self._pending.popleft()
+                if type(message) not in _REPLIES_TO[request]:
+                    raise ValueError(f"{message.TYPE} does not answer {request.TYPE}")
+                self._advance(request, message)
+            elif not isinstance(message, m.Error):
+                raise ValueError(f"{message.TYPE} answers no request")
+        return encode_frame(m.encode(message), self._max_frame_size_for(message))
+
+    def _max_frame_size_for(self, message: m.Message) -> int:
+        # Status replies grow with the number of peers; the client accepts
+        # them up to its own (larger) limit, so do not cap them here.
+        return 2**32 - 1 if isinstance(message, m.StatusReply) else self._max_frame_size
+
+    def _advance(self, request: type[m.Message], reply: m.Message) -> None:
+        if isinstance(reply, m.Error):
+            if request is m.Hello:
+                self.state = State.ERROR
+            return
+        if request is m.Hello:
+            self.state = State.READY
+        elif request is m.Attach:
+            self.state = State.ATTACHED
+        elif request is m.Detach:
+            self.state = State.DONE

@@ -1,0 +1,193 @@
+"""Typed protocol messages and their strict msgpack encoding.
+
+Each frame body is one msgpack map with a ``type`` key.  Decoding is strict:
+unknown types, unknown or missing keys, wrong value types (``True`` is not an
+int), over-long strings and malformed channel names are protocol errors, so
+the broker's logic only ever sees well-formed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import msgpack
+
+from ..errors import ProtocolError
+
+PROTOCOL_NAME = "shmbroker"
+PROTOCOL_VERSION = 1
+ROLES = ("producer", "consumer")
+# Same spirit as D-Bus name rules: short, printable, no path separators, so a
+# name is safe in logs, file names and status output.
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_TEXT = 4096
+_UINT64_MAX = 2**64 - 1
+
+
+def valid_channel_name(name: str) -> bool:
+    return CHANNEL_NAME.fullmatch(name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str]
+
+
+# Requests: client -> broker.
+@dataclasses.dataclass(frozen=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    version: int = PROTOCOL_VERSION
+    protocol: str = PROTOCOL_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class Attach(Message):
+    TYPE: ClassVar[str] = "attach"
+    channel: str
+    role: str
+    size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Detach(Message):
+    TYPE: ClassVar[str] = "detach"
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusRequest(Message):
+    TYPE: ClassVar[str] = "status"
+
+
+# Replies: broker -> client.
+@dataclasses.dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    version: int
+    broker_pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Attached(Message):
+    """Sent with the fds named in ``fds``, in that order, as SCM_RIGHTS."""
+
+    TYPE: ClassVar[str] = "attached"
+    channel: str
+    role: str
+    size: int
+    generation: int
+    layout: int
+    fds: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Detached(Message):
+    TYPE: ClassVar[str] = "detached"
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "status_reply"
+    status: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    """A refusal; ``code`` is one of ERROR_CODES and maps to an exception class."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+ERROR_CODES = (
+    "protocol",  # malformed or out-of-order message; the connection closes
+    "version",  # unsupported protocol version
+    "permission_denied",
+    "not_found",
+    "busy",
+    "conflict",  # the channel exists with other parameters
+    "limit",
+    "timeout",
+    "revoked",
+    "shutdown",
+    "internal",
+)
+
+REQUESTS: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Attach, Detach, StatusRequest)}
+REPLIES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Welcome, Attached, Detached, StatusReply, Error)
+}
+
+
+def _uint(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _UINT64_MAX
+
+
+def _text(value: Any) -> bool:
+    return type(value) is str and len(value) <= _MAX_TEXT
+
+
+_Check = Callable[[Any], bool]
+# Per message type: field -> (check, required).
+_SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
+    Hello: {"version": (_uint, True), "protocol": (lambda v: v == PROTOCOL_NAME, True)},
+    Attach: {
+        "channel": (lambda v: type(v) is str and valid_channel_name(v), True),
+        "role": (lambda v: v in ROLES, True),
+        "size": (lambda v: v is None or (_uint(v) and v > 0), False),
+    },
+    Detach: {},
+    StatusRequest: {},
+    Welcome: {"version": (_uint, True), "broker_pid": (_uint, True)},
+    Attached: {
+        "channel": (lambda v: type(v) is str and valid_channel_name(v), True),
+        "role": (lambda v: v in ROLES, True),
+        "size": (_uint, True),
+        "generation": (_uint, True),
+        "layout": (_uint, True),
+        "fds": (lambda v: type(v) is list and len(v) <= 16 and all(_text(k) for k in v), True),
+    },
+    Detached: {},
+    StatusReply: {"status": (lambda v: type(v) is dict, True)},
+    Error: {"code": (lambda v: v in ERROR_CODES, True), "message": (_text, True)},
+}
+
+
+def encode(message: Message) -> bytes:
+    body: dict[str, Any] = {"type": message.TYPE}
+    for field in dataclasses.fields(message):
+        value = getattr(message, field.name)
+        body[field.name] = list(value) if isinstance(value, tuple) else value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:
+    """Parse one frame body into a message of one of the ``allowed`` types."""
+    try:
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
+    if type(raw) is not dict:
+        raise ProtocolError("frame is not a msgpack map")
+    kind = raw.pop("type", None)
+    cls = allowed.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise ProtocolError(f"unexpected message type {str(kind)[:40]!r}")
+    schema = _SCHEMA[cls]
+    unknown = set(raw) - set(schema)
+    if unknown:
+        raise ProtocolError(f"{kind}: unknown field {str(sorted(map(str, unknown))[0])[:40]!r}")
+    for name, (check, required) in schema.items():
+        if name not in raw:
+            if required:
+                raise ProtocolError(f"{kind}: missing field {name!r}")
+            continue
+        if not check(raw[name]):
+            raise ProtocolError(f"{kind}: invalid value for {name!r}")
+    if "fds" in raw:
+        raw["fds"] = tuple(raw["fds"])
+    return cls(**raw)

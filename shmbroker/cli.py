@@ -1,0 +1,141 @@
+"""The `shmbroker` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from . import __version__, errors
+from ._logging import configure as configure_logging
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  shmbroker serve --socket /tmp/shm-demo/broker.sock --channel frames:16MiB
+  shmbroker status --socket /tmp/shm-demo/broker.sock
+
+Without --config only processes of the broker's own uid, running the broker's
+own executable, may attach; producers may create channels on demand.
+"""
+
+
+def _channel_arg(text: str) -> tuple[str, int]:
+    from ._broker.config import parse_size
+    from ._wire.messages import valid_channel_name
+
+    name, sep, size = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:SIZE, e.g. frames:16MiB")
+    if not valid_channel_name(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a valid channel name (letters, digits, '.', '_', '-')")
+    try:
+        return name, parse_size(size)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmbroker",
+        description="A secure shared-memory IPC broker: hands unlinked, leased segments to authenticated peers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"shmbroker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the broker in the foreground", description="Run the broker in the foreground until SIGTERM or SIGINT.")
+    serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
+    serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
+    serve.add_argument("--channel", metavar="NAME:SIZE", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB (repeatable)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
+
+    status = sub.add_parser("status", help="show channels, peers, counters and security events", description="Ask a running broker for its status.")
+    status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._broker.config import ChannelSpec, default_config, load_config
+    from ._broker.loop import Broker
+    from ._paths import default_socket_path
+
+    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    config = load_config(args.config) if args.config else default_config()
+    for name, size in args.channel:
+        if size > config.limits.max_segment_size:
+            raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
+        config.channels[name] = ChannelSpec(name=name, size=size)
+    socket_path = args.socket or config.socket_path or default_socket_path()
+    Broker(config, socket_path).run()
+    return 0
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    broker = status["broker"]
+    up = time.time() - broker["started"]
+    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up:.0f}s")
+    print(f"  socket {broker['socket']}  policy {broker['policy']}  connections {status['connections']}")
+    print("channels:" if status["channels"] else "channels: none")
+    for ch in status["channels"]:
+        state = f"generation {ch['generation']}, " + ("live" if ch["live"] else "no segment")
+        print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  ({state})")
+        for peer in ch["peers"]:
+            print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}")
+    counters = status["counters"]
+    print("counters: " + (", ".join(f"{k}={v}" for k, v in counters.items()) or "none"))
+    events = status["security_events"]
+    print(f"security events: {len(events) or 'none'}")
+    for ev in events:
+        who = f"pid {ev['pid']} uid {ev['uid']}" if ev["pid"] is not None else "-"
+        print(f"  {_fmt_time(ev['time'])} {ev['kind']} ({who}): {ev['detail']}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ._client import ShmClient
+
+    status = ShmClient.status(socket_path=args.socket, timeout=args.timeout)
+    if args.json:
+        json.dump(status, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        _print_status(status)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"serve": _serve, "status": _status}
+    try:
+        return handlers[args.command](args)
+    except errors.ShmBrokerError as exc:
+        print(f"shmbroker: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, errors.ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `shmbroker status | head`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

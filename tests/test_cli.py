@@ -1,0 +1,78 @@
+"""The command line as a user meets it: real processes, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from helpers import BrokerProc, shm_leftovers
+from shmbroker import ShmClient
+
+
+def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shmbroker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_describes_every_command() -> None:
+    top = shmbroker("--help")
+    assert top.returncode == 0
+    for command in ("serve", "status"):
+        assert command in top.stdout
+        sub = shmbroker(command, "--help")
+        assert sub.returncode == 0
+        assert "--socket" in sub.stdout
+
+
+def test_second_broker_on_a_live_socket_is_refused(broker: BrokerProc) -> None:
+    proc = shmbroker("serve", "--socket", broker.socket)
+    assert proc.returncode == 1
+    assert f"pid {broker.pid}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    broker.status()  # the first broker is untouched
+
+
+def test_stale_socket_of_a_killed_broker_is_replaced(broker_factory: Any) -> None:
+    first = broker_factory()
+    att = ShmClient.attach("frames", "producer", socket_path=first.socket, size=4096)
+    att.buf[:4] = b"kept"
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert os.path.exists(first.socket), "kill -9 cannot remove the socket; the next broker must cope"
+    assert shm_leftovers() == set(), "segments are unlinked at birth, so even kill -9 leaves nothing"
+    # The client keeps its mapping after the broker died.
+    assert bytes(att.buf[:4]) == b"kept"
+    second = broker_factory()
+    assert second.socket == first.socket
+    with ShmClient.attach("frames", "producer", socket_path=second.socket, size=4096) as fresh:
+        assert bytes(fresh.buf[:4]) == bytes(4)
+    att.close()
+
+
+def test_status_without_a_broker_says_what_to_do(short_tmp: Path) -> None:
+    proc = shmbroker("status", "--socket", str(short_tmp / "none.sock"))
+    assert proc.returncode == 1
+    assert "no broker is listening" in proc.stderr and "shmbroker serve" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_status_json_and_text(broker: BrokerProc) -> None:
+    with ShmClient.attach("frames", "producer", socket_path=broker.socket, size=4096):
+        raw = shmbroker("status", "--socket", broker.socket, "--json")
+        text = shmbroker("status", "--socket", broker.socket)
+    assert raw.returncode == 0 and text.returncode == 0
+    status = json.loads(raw.stdout)
+    assert status["broker"]["pid"] == broker.pid
+    assert [c["name"] for c in status["channels"]] == ["frames"]
+    assert "frames" in text.stdout and "producer" in text.stdout
+
+
+def test_bad_channel_argument_is_a_usage_error(short_tmp: Path) -> None:
+    proc = shmbroker("serve", "--socket", str(short_tmp / "s" / "b.sock"), "--channel", "frames")
+    assert proc.returncode == 2
+    assert "NAME:SIZE" in proc.stderr or "frames" in proc.stderr
+    assert "Traceback" not in proc.stderr

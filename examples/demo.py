@@ -1,0 +1,112 @@
+"""End-to-end demo (``make demo``): a broker, a producer and a consumer.
+
+Starts a broker on a temporary socket, runs examples/consumer.py and
+examples/producer.py as separate processes that exchange a payload through
+one shared segment, shows what the broker verified about each of them, and
+stops everything, checking that nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shmbroker import ShmClient
+from shmbroker.errors import ShmBrokerError
+
+HERE = Path(__file__).resolve().parent
+PAYLOAD = 1 << 20
+SEGMENT = "2MiB"
+
+
+def shm_names() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("shmbroker")}
+
+
+def wait_until(what: str, predicate: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except ShmBrokerError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.02)
+    raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def main() -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="shmbroker-demo-"))
+    sock = str(tmp / "run" / "broker.sock")
+    log = tmp / "broker.log"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        with open(log, "w") as logf:
+            broker = subprocess.Popen(
+                [sys.executable, "-m", "shmbroker", "serve", "--socket", sock, "--channel", f"demo:{SEGMENT}"],
+                stdout=logf, stderr=logf, text=True,
+            )
+        procs.append(broker)
+        wait_until("the broker", lambda: broker.poll() is None and os.path.exists(sock) and ShmClient.status(socket_path=sock))
+        print(f"1. broker pid {broker.pid} listening on {sock}")
+        print("   policy: only this uid running this interpreter; segments are shm_open(O_EXCL, mode 0), unlinked, leased")
+
+        client = [sys.executable, "-u"]
+        consumer = subprocess.Popen([*client, str(HERE / "consumer.py"), "--socket", sock], stdout=subprocess.PIPE, text=True)
+        procs.append(consumer)
+        print(f"2. {consumer.stdout.readline().strip()}")  # type: ignore[union-attr]
+        producer = subprocess.Popen(
+            [*client, str(HERE / "producer.py"), "--socket", sock, "--bytes", str(PAYLOAD)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        procs.append(producer)
+        print(f"3. {producer.stdout.readline().strip()}")  # type: ignore[union-attr]
+
+        status = ShmClient.status(socket_path=sock)
+        channel = next(c for c in status["channels"] if c["name"] == "demo")
+        print(f"4. channel {channel['name']!r}: segment of {channel['size']} bytes, generation {channel['generation']}; "
+              f"broker verified {len(channel['peers'])} peer(s):")
+        for peer in channel["peers"]:
+            print(f"   - {peer['role']:<8} pid {peer['pid']} uid {peer['uid']} gid {peer['gid']} exe {peer['exe']}")
+        visible = shm_names()
+        print(f"5. shmbroker objects in /dev/shm while attached: {sorted(visible) or 'none'}")
+
+        consumer_out, _ = consumer.communicate(timeout=60)
+        print(f"6. {consumer_out.strip()}")
+        producer.communicate("done\n", timeout=30)
+        if consumer.returncode or producer.returncode:
+            print(f"demo: consumer exited {consumer.returncode}, producer {producer.returncode}", file=sys.stderr)
+            return 1
+
+        counters = ShmClient.status(socket_path=sock)["counters"]
+        broker.send_signal(signal.SIGTERM)
+        code = broker.wait(15)
+        leftovers = shm_names()
+        print(f"7. broker stopped with exit code {code}; socket removed: {not os.path.exists(sock)}; "
+              f"attaches {counters.get('attaches', 0)}, segments wiped {counters.get('segments_wiped', 0)}")
+        print(f"8. shmbroker objects left in /dev/shm: {sorted(leftovers) or 'none'}")
+        ok = code == 0 and not visible and not leftovers and not os.path.exists(sock)
+        print(f"\n{'OK' if ok else 'FAILED'}: {PAYLOAD} bytes went from producer to consumer through one private segment")
+        if not ok:
+            print(f"broker log:\n{log.read_text()}", file=sys.stderr)
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

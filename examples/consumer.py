@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--socket", required=True, help="broker socket path")
     parser.add_argument("--channel", default="demo")
     parser.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds")
+    parser.add_argument("--hold", action="store_true", help="stay attached until a line arrives on stdin")
     args = parser.parse_args()
     try:
         with ShmClient.attach(args.channel, "consumer", socket_path=args.socket) as att:
@@ -41,6 +42,8 @@ def main() -> int:
             digest = bytes(att.buf[DIGEST_OFFSET : DIGEST_OFFSET + 32])
             ok = hashlib.sha256(data).digest() == digest
             print(f"consumer pid {os.getpid()}: read {len(data)} bytes, checksum {'OK' if ok else 'MISMATCH'}", flush=True)
+            if args.hold:
+                sys.stdin.readline()
             return 0 if ok else 1
     except ShmBrokerError as exc:
         print(f"consumer: {exc}", file=sys.stderr)

@@ -60,28 +60,29 @@ def main() -> int:
         print("   policy: only this uid running this interpreter; segments are shm_open(O_EXCL, mode 0), unlinked, leased")
 
         client = [sys.executable, "-u"]
-        consumer = subprocess.Popen([*client, str(HERE / "consumer.py"), "--socket", sock], stdout=subprocess.PIPE, text=True)
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # --hold keeps both attached until we have shown the broker's view.
+        consumer = subprocess.Popen([*client, str(HERE / "consumer.py"), "--socket", sock, "--hold"], **pipes)
         procs.append(consumer)
         print(f"2. {consumer.stdout.readline().strip()}")  # type: ignore[union-attr]
         producer = subprocess.Popen(
-            [*client, str(HERE / "producer.py"), "--socket", sock, "--bytes", str(PAYLOAD)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [*client, str(HERE / "producer.py"), "--socket", sock, "--bytes", str(PAYLOAD), "--hold"], **pipes
         )
         procs.append(producer)
         print(f"3. {producer.stdout.readline().strip()}")  # type: ignore[union-attr]
+        print(f"4. {consumer.stdout.readline().strip()}")  # type: ignore[union-attr]
 
         status = ShmClient.status(socket_path=sock)
         channel = next(c for c in status["channels"] if c["name"] == "demo")
-        print(f"4. channel {channel['name']!r}: segment of {channel['size']} bytes, generation {channel['generation']}; "
+        print(f"5. channel {channel['name']!r}: segment of {channel['size']} bytes, generation {channel['generation']}; "
               f"broker verified {len(channel['peers'])} peer(s):")
         for peer in channel["peers"]:
             print(f"   - {peer['role']:<8} pid {peer['pid']} uid {peer['uid']} gid {peer['gid']} exe {peer['exe']}")
         visible = shm_names()
-        print(f"5. shmbroker objects in /dev/shm while attached: {sorted(visible) or 'none'}")
+        print(f"6. shmbroker objects in /dev/shm while attached: {sorted(visible) or 'none'}")
 
-        consumer_out, _ = consumer.communicate(timeout=60)
-        print(f"6. {consumer_out.strip()}")
-        producer.communicate("done\n", timeout=30)
+        for proc in (consumer, producer):
+            proc.communicate("done\n", timeout=30)
         if consumer.returncode or producer.returncode:
             print(f"demo: consumer exited {consumer.returncode}, producer {producer.returncode}", file=sys.stderr)
             return 1
@@ -90,7 +91,7 @@ def main() -> int:
         broker.send_signal(signal.SIGTERM)
         code = broker.wait(15)
         leftovers = shm_names()
-        print(f"7. broker stopped with exit code {code}; socket removed: {not os.path.exists(sock)}; "
+        print(f"7. both detached; broker stopped with exit code {code}; socket removed: {not os.path.exists(sock)}; "
               f"attaches {counters.get('attaches', 0)}, segments wiped {counters.get('segments_wiped', 0)}")
         print(f"8. shmbroker objects left in /dev/shm: {sorted(leftovers) or 'none'}")
         ok = code == 0 and not visible and not leftovers and not os.path.exists(sock)

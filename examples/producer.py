@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--socket", required=True, help="broker socket path")
     parser.add_argument("--channel", default="demo")
     parser.add_argument("--bytes", type=int, default=1 << 20, help="payload size (default 1 MiB)")
+    parser.add_argument("--hold", action="store_true", help="stay attached until a line arrives on stdin")
     args = parser.parse_args()
     try:
         with ShmClient.attach(args.channel, "producer", socket_path=args.socket) as att:
@@ -41,9 +42,10 @@ def main() -> int:
             att.buf[DIGEST_OFFSET : DIGEST_OFFSET + 32] = hashlib.sha256(payload).digest()
             READY.pack_into(att.buf, 0, len(payload))  # publish last
             print(f"producer pid {os.getpid()}: wrote {len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()[:16]}...", flush=True)
-            # Stay attached until told to go: the broker wipes the segment
-            # when its last peer detaches, and the consumer may still be reading.
-            sys.stdin.readline()
+            # The broker wipes a segment when its last peer detaches: without
+            # --hold, attach a consumer first or the payload is gone with us.
+            if args.hold:
+                sys.stdin.readline()
     except ShmBrokerError as exc:
         print(f"producer: {exc}", file=sys.stderr)
         return 1

@@ -96,16 +96,15 @@ def verify_peer(sock: socket.socket) -> VerifiedPeer:
             raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
         source = "pidfd_open"
     try:
-        if pidfd.pidfd_pid(pfd) != pid:
-            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
         groups = peercred.peer_groups(sock)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
         exe = _exe_identity(pid)
         exe_path = _exe_path(pid)
-        # Only now do we know the stat above described the connecting process.
+        # Only now do we know the stat above described the connecting process
+        # (one check after the stat covers a peer that was already gone too).
         if pidfd.pidfd_pid(pfd) != pid:
-            raise AuthError(f"peer pid {pid} exited during verification (stale pid)")
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
     except BaseException:
         os.close(pfd)
         raise
@@ -120,7 +119,7 @@ def recheck(peer: VerifiedPeer) -> str | None:
     no longer the one it was admitted with (it exec()ed something else) is.
     """
     pid = peer.identity.pid
-    if peer.pidfd < 0 or pidfd.pidfd_pid(peer.pidfd) != pid:
+    if peer.pidfd < 0:
         return None
     try:
         exe = os.stat(f"/proc/{pid}/exe")

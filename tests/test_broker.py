@@ -237,3 +237,39 @@ def test_status_reports_verified_peers(broker: BrokerProc) -> None:
     assert peer["uid"] == os.geteuid()
     assert peer["exe"] == os.path.realpath(sys.executable)
     assert status["counters"]["attaches"] == 1
+
+
+def test_views_alive_after_close_read_zeros_and_never_reach_the_segment(broker: BrokerProc) -> None:
+    with ShmClient.attach("frames", "producer", socket_path=broker.socket, size=4096) as keeper:
+        att = ShmClient.attach("frames", "producer", socket_path=broker.socket)
+        view = att.buf[:8]
+        att.buf[:8] = b"original"
+        att.close()
+        assert bytes(view) == bytes(8)
+        view[:8] = b"too late"  # lands in private anonymous memory, not the segment
+        assert bytes(keeper.buf[:8]) == b"original"
+
+
+def test_malformed_frame_gets_an_error_and_a_closed_connection(broker: BrokerProc) -> None:
+    import socket
+    import struct
+
+    from shmbroker._wire import messages as m
+
+    with ShmClient.attach("frames", "producer", socket_path=broker.socket, size=4096) as att:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(broker.socket)
+        body = b"\xc1 not msgpack"
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        sock.close()
+        (length,) = struct.unpack(">I", data[:4])
+        reply = m.decode(data[4 : 4 + length], m.REPLIES)
+        assert isinstance(reply, m.Error) and reply.code == "protocol"
+        # The broker keeps serving the others: the existing attachment and a new one.
+        assert not att.revoked
+        with ShmClient.attach("frames", "consumer", socket_path=broker.socket) as other:
+            assert other.size == 4096

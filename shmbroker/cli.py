@@ -76,8 +76,20 @@ def _serve(args: argparse.Namespace) -> int:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
         config.channels[name] = ChannelSpec(name=name, size=size)
     socket_path = args.socket or config.socket_path or default_socket_path()
+    _harden_broker(config)
     Broker(config, socket_path).run()
     return 0
+
+
+def _harden_broker(config: Any) -> None:
+    """Before the first segment exists: no dumps, no ptrace, minimal capabilities."""
+    from ._sys.prctl import CAP_CHOWN
+    from .hardening import BROKER_CAPABILITIES, harden_process
+
+    keep = set(BROKER_CAPABILITIES)
+    if config.socket_group is not None:
+        keep.add(CAP_CHOWN)  # the listener chowns its socket to that group
+    harden_process(keep_capabilities=keep)
 
 
 def _fmt_size(n: int) -> str:

@@ -498,7 +498,20 @@ class Broker:
         log.info("detached pid %d from channel %r", identity.pid, channel.name)
         if not channel.sessions:
             self._release_segment(channel)
+        elif session.role == "producer":
+            self._apply_liveness_rule(channel)
         return reason
+
+    def _apply_liveness_rule(self, channel: Channel) -> None:
+        """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""
+        if channel.spec.wipe_when != "producer_gone" or channel.segment is None:
+            return
+        if any(s.role == "producer" for s in channel.sessions):
+            return
+        generation = channel.segment.generation
+        self._revoke(channel)
+        self.events.count("liveness_wipes")
+        log.info("last producer of channel %r left; wiped and revoked generation %d (wipe_when = producer_gone)", channel.name, generation)
 
     def _revoke(self, channel: Channel) -> None:
         """Wipe the channel's segment for everyone attached and stop handing it out."""

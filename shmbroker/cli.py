@@ -68,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
     from ._broker.loop import Broker
     from ._paths import default_socket_path
+    from ._sys import sdlisten
+    from ._sys.sdnotify import Notifier
 
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     config = load_config(args.config) if args.config else default_config()
@@ -75,9 +77,17 @@ def _serve(args: argparse.Namespace) -> int:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
         config.channels[name] = ChannelSpec(name=name, size=size)
-    socket_path = args.socket or config.socket_path or default_socket_path()
+    try:
+        activated = sdlisten.listen_socket()
+    except sdlisten.ActivationError as exc:
+        raise errors.ConfigError(f"socket activation: {exc}") from None
+    if activated is not None:
+        socket_path = activated.getsockname() or "(unnamed activated socket)"
+        log.info("socket activation: serving on the socket passed by the service manager (%s)", socket_path)
+    else:
+        socket_path = args.socket or config.socket_path or default_socket_path()
     _harden_broker(config)
-    Broker(config, socket_path).run()
+    Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env()).run()
     return 0
 
 

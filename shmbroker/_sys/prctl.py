@@ -54,8 +54,13 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
+    """Highest capability this kernel knows.  Probed with PR_CAPBSET_READ, not
+    read from /proc/sys/kernel/cap_last_cap, which systemd's ProcSubset=pid hides."""
+    cap = 0
+    while True:
+        if _prctl(PR_CAPBSET_READ, cap + 1, 0, 0, 0) < 0:
+            return cap
+        cap += 1
 
 
 def get_caps() -> tuple[int, int, int]:

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
     serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
     serve.add_argument("--channel", metavar="NAME:SIZE", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB (repeatable)")
+    serve.add_argument(
+        "--landlock", choices=("auto", "on", "off"), default="auto",
+        help="restrict the broker's filesystem access after startup: auto (if the kernel has Landlock), "
+        "on (refuse to start without it), off (default: auto)",
+    )
     serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
@@ -87,7 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         socket_path = args.socket or config.socket_path or default_socket_path()
     _harden_broker(config)
-    Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env()).run()
+    sandbox = _Sandbox(args.landlock, socket_path, args.config)
+    try:
+        Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env(), on_ready=sandbox.apply).run()
+    finally:
+        sandbox.close()
     return 0
 
 
@@ -100,6 +109,49 @@ def _harden_broker(config: Any) -> None:
     if config.socket_group is not None:
         keep.add(CAP_CHOWN)  # the listener chowns its socket to that group
     harden_process(keep_capabilities=keep)
+
+
+class _Sandbox:
+    """Landlock once listening, with the exe inspector forked just before."""
+
+    def __init__(self, mode: str, socket_path: str, config_path: str | None) -> None:
+        from ._sys import landlock
+
+        self.socket_path, self.config_path = socket_path, config_path
+        self.inspector: Any = None
+        self.mode = mode
+        self.enabled = mode != "off"
+        if self.enabled and landlock.abi_version() <= 0:
+            if mode == "on":
+                raise errors.ConfigError(
+                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
+                )
+            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
+            self.enabled = False
+
+    def apply(self, broker: Any) -> None:
+        if not self.enabled:
+            return
+        from ._broker import auth, sandbox
+        from ._broker.inspector import ExeInspector
+
+        self.inspector = ExeInspector.start()
+        auth.exe_inspector = self.inspector
+        try:
+            sandbox.restrict(socket_path=self.socket_path, config_path=self.config_path)
+        except OSError as exc:
+            if self.mode == "on":
+                raise errors.ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
+            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
+            self.close()
+
+    def close(self) -> None:
+        if self.inspector is not None:
+            from ._broker import auth
+
+            auth.exe_inspector = None
+            self.inspector.close()
+            self.inspector = None
 
 
 def _fmt_size(n: int) -> str:

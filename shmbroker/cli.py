@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="restrict the broker's filesystem access after startup: auto (if the kernel has Landlock), "
         "on (refuse to start without it), off (default: auto)",
     )
+    serve.add_argument(
+        "--seccomp", choices=("off", "enforce", "trap", "log"), default="off",
+        help="syscall allowlist once serving: enforce (kill the broker on anything else), trap (same, "
+        "printing the Python stack that made the call), log (allow, kernel logs it); default: off",
+    )
     serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
@@ -66,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
+
+    from . import _doctor
+
+    doctor = sub.add_parser(
+        "doctor", help="check which kernel security features this machine has",
+        description="Probe leases, pidfds, Landlock, memfd seals, mlock, ptrace and core-dump settings, "
+        "and say what each missing one means.  Exit status: 0 all good, 1 reduced protection, 2 unsafe.",
+    )
+    _doctor.add_arguments(doctor)
     return parser
 
 
@@ -92,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         socket_path = args.socket or config.socket_path or default_socket_path()
     _harden_broker(config)
-    sandbox = _Sandbox(args.landlock, socket_path, args.config)
+    sandbox = _Sandbox(args.landlock, args.seccomp, socket_path, args.config)
     try:
         Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env(), on_ready=sandbox.apply).run()
     finally:
@@ -114,8 +128,15 @@ def _harden_broker(config: Any) -> None:
 class _Sandbox:
     """Landlock once listening, with the exe inspector forked just before."""
 
-    def __init__(self, mode: str, socket_path: str, config_path: str | None) -> None:
-        from ._sys import landlock
+    def __init__(self, mode: str, seccomp_mode: str, socket_path: str, config_path: str | None) -> None:
+        from ._sys import landlock, seccomp
+
+        self.seccomp_mode = seccomp_mode
+        if seccomp_mode != "off" and (not seccomp.available() or seccomp.audit_arch() is None):
+            raise errors.ConfigError(
+                f"--seccomp {seccomp_mode}: no seccomp allowlist for this kernel/architecture "
+                f"({os.uname().machine}); run with --seccomp off"
+            )
 
         self.socket_path, self.config_path = socket_path, config_path
         self.inspector: Any = None
@@ -130,6 +151,13 @@ class _Sandbox:
             self.enabled = False
 
     def apply(self, broker: Any) -> None:
+        self._landlock()
+        if self.seccomp_mode != "off":
+            from ._broker import sandbox
+
+            sandbox.install_seccomp(self.seccomp_mode)
+
+    def _landlock(self) -> None:
         if not self.enabled:
             return
         from ._broker import auth, sandbox
@@ -201,7 +229,9 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": _serve, "status": _status}
+    from . import _doctor
+
+    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run}
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:

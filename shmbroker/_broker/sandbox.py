@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import select
+import sysconfig
 
-from .._sys import landlock
+from .._sys import landlock, seccomp
+from .._sys.seccomp_allowlist import X86_64
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,26 @@ def rules(*, socket_path: str, config_path: str | None) -> list[tuple[str, int]]
     ]
     if config_path:
         allowed.append((os.path.abspath(config_path), landlock.READ))
-    seen: set[str] = set()
-    for entry in [*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix]:
-        path = os.path.abspath(entry or os.curdir)
-        if path not in seen and os.path.exists(path):
-            seen.add(path)
-            allowed.append((path, landlock.READ))
+    for path in sorted(_import_roots()):
+        allowed.append((path, landlock.READ))
     return allowed
+
+
+def _import_roots() -> set[str]:
+    """Where Python can still import from: the stdlib, site-packages and the
+    directories holding shmbroker and its dependencies.  Not sys.path as a
+    whole: its first entry is the working directory under `python -m`, which
+    is / under systemd and would open the whole filesystem for reading."""
+    import msgpack
+
+    import shmbroker as _pkg
+
+    roots = {p for key, p in sysconfig.get_paths().items() if key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.add(os.path.dirname(os.__file__))
+    roots.add(os.path.dirname(select.__file__ or os.__file__))  # lib-dynload: extension modules
+    for module in (_pkg, msgpack):
+        roots.add(os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or ""))))
+    return {os.path.realpath(r) for r in roots if r and os.path.realpath(r) != "/" and os.path.isdir(r)}
 
 
 def restrict(*, socket_path: str, config_path: str | None) -> int:
@@ -52,3 +67,11 @@ def restrict(*, socket_path: str, config_path: str | None) -> int:
     abi = landlock.restrict_self(allowed)
     log.info("landlock ABI %d: filesystem restricted to %s", abi, ", ".join(p for p, _ in allowed))
     return abi
+
+
+def install_seccomp(mode: str) -> None:
+    """The syscall allowlist recorded by tools/seccomp_trace.py (docs/hardening.md)."""
+    seccomp.install(X86_64.values(), mode)
+    # tools/seccomp_trace.py looks for this line: syscalls after it are the
+    # ones the allowlist must contain.
+    log.info("seccomp filter installed (%s, %d syscalls allowed)", mode, len(X86_64))

@@ -163,3 +163,37 @@ def test_harden_process_is_idempotent_in_a_child() -> None:
     first, second, dumpable, nnp = run_in_child(twice)
     assert first == second == ["RLIMIT_CORE=0", "PR_SET_DUMPABLE=0", "PR_SET_NO_NEW_PRIVS"]
     assert (dumpable, nnp) == (0, 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the broker as another uid")
+def test_hardened_client_needs_a_broker_with_cap_sys_ptrace(nobody_broker: Any, short_tmp: Path) -> None:
+    """A non-dumpable client hides /proc/PID/exe: a broker without
+    CAP_SYS_PTRACE (here: running as nobody) must reject it, and says why."""
+    from shmbroker import ShmClient, errors
+
+    nobody_broker()
+    sock = str(short_tmp / "nb" / "run" / "broker.sock")
+
+    def attach(harden: bool) -> str:
+        # setuid() left us non-dumpable; a normal process is dumpable.
+        sysprctl.prctl(sysprctl.PR_SET_DUMPABLE, 1)
+        try:
+            with ShmClient.attach("h", "producer", socket_path=sock, size=4096, harden=harden):
+                return "attached"
+        except errors.PermissionDenied as exc:
+            return str(exc)
+
+    assert run_in_child(lambda: attach(False), uid=NOBODY, gid=NOBODY) == "attached"
+    refused = run_in_child(lambda: attach(True), uid=NOBODY, gid=NOBODY)
+    assert "non-dumpable" in refused and "CAP_SYS_PTRACE" in refused
+
+
+def test_hardened_client_is_verified_by_a_broker_with_cap_sys_ptrace(broker: Any) -> None:
+    from shmbroker import ShmClient
+
+    def attach() -> int:
+        with ShmClient.attach("h", "producer", socket_path=broker.socket, size=4096, harden=True) as att:
+            att.buf[:2] = b"ok"
+            return sysprctl.prctl(sysprctl.PR_GET_DUMPABLE)
+
+    assert run_in_child(attach) == 0

@@ -151,13 +151,13 @@ class _Sandbox:
             self.enabled = False
 
     def apply(self, broker: Any) -> None:
-        self._landlock()
+        self._landlock(broker)
         if self.seccomp_mode != "off":
             from ._broker import sandbox
 
             sandbox.install_seccomp(self.seccomp_mode)
 
-    def _landlock(self) -> None:
+    def _landlock(self, broker: Any) -> None:
         if not self.enabled:
             return
         from ._broker import auth, sandbox
@@ -166,7 +166,10 @@ class _Sandbox:
         self.inspector = ExeInspector.start()
         auth.exe_inspector = self.inspector
         try:
-            sandbox.restrict(socket_path=self.socket_path, config_path=self.config_path)
+            sandbox.restrict(
+                socket_path=self.socket_path, config_path=self.config_path,
+                remove_socket_dir=bool(getattr(broker.listener, "_created_dir", False)),
+            )
         except OSError as exc:
             if self.mode == "on":
                 raise errors.ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None

@@ -113,3 +113,12 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_landlocked_broker_leaves_nothing_behind(broker_factory: Any) -> None:
+    import signal
+
+    b = broker_factory("--landlock", "on")
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(10) == 0
+    assert not os.path.exists(os.path.dirname(b.socket)), "socket directory left behind"

@@ -31,12 +31,17 @@ from .._sys.seccomp_allowlist import X86_64
 log = logging.getLogger(__name__)
 
 
-def rules(*, socket_path: str, config_path: str | None) -> list[tuple[str, int]]:
+def rules(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> list[tuple[str, int]]:
+    socket_dir = os.path.dirname(os.path.abspath(socket_path))
     allowed: list[tuple[str, int]] = [
-        (os.path.dirname(os.path.abspath(socket_path)), landlock.READ_WRITE),
+        (socket_dir, landlock.READ_WRITE),
         ("/dev/shm", landlock.READ_WRITE),
         ("/proc", landlock.READ),
     ]
+    if remove_socket_dir:
+        # The listener created the directory and removes it at shutdown;
+        # rmdir needs REMOVE_DIR on the parent (only ever empty directories).
+        allowed.append((os.path.dirname(socket_dir), landlock.ACCESS_FS_REMOVE_DIR))
     if config_path:
         allowed.append((os.path.abspath(config_path), landlock.READ))
     for path in sorted(_import_roots()):
@@ -61,9 +66,9 @@ def _import_roots() -> set[str]:
     return {os.path.realpath(r) for r in roots if r and os.path.realpath(r) != "/" and os.path.isdir(r)}
 
 
-def restrict(*, socket_path: str, config_path: str | None) -> int:
+def restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> int:
     """Apply the sandbox; return the Landlock ABI it used."""
-    allowed = rules(socket_path=socket_path, config_path=config_path)
+    allowed = rules(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir)
     abi = landlock.restrict_self(allowed)
     log.info("landlock ABI %d: filesystem restricted to %s", abi, ", ".join(p for p, _ in allowed))
     return abi

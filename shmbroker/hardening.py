@@ -107,8 +107,10 @@ def _drop_capabilities(report: HardeningReport, keep: frozenset[int]) -> None:
     if in_bounding:
         if effective >> _prctl.CAP_SETPCAP & 1:
             _step(report, "drop bounding capabilities", lambda: _drop_bounding(in_bounding))
-        else:
-            report.skipped["drop bounding capabilities"] = "no CAP_SETPCAP (unprivileged; nothing to gain there)"
+        elif permitted & ~sum(1 << c for c in keep):
+            report.skipped["drop bounding capabilities"] = "no CAP_SETPCAP to shrink the bounding set"
+        # else: an unprivileged process with no_new_privs cannot gain
+        # capabilities through exec, so the bounding set does not matter.
     _step(report, "clear ambient capabilities", lambda: _prctl.prctl(_prctl.PR_CAP_AMBIENT, _prctl.PR_CAP_AMBIENT_CLEAR_ALL))
     mask = sum(1 << c for c in keep)
     if permitted & ~mask:

@@ -115,3 +115,11 @@ def test_listen_env_is_unset_and_foreign_pid_ignored() -> None:
         return sock, [k for k in os.environ if k.startswith("LISTEN_")]
 
     assert run_in_child(probe) == (None, [])
+
+
+def test_abstract_notify_socket(broker_factory: Any) -> None:
+    name = f"shmbroker-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)
+        broker_factory(env={"NOTIFY_SOCKET": "@" + name})
+        assert _messages(notify, "READY=1")[0].startswith("READY=1")

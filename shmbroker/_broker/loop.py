@@ -134,9 +134,10 @@ class Broker:
         try:
             self._setup()
             self._running = True
-            self.notifier.ready(f"listening on {self.listener.path}")
             if self._on_ready is not None:
                 self._on_ready(self)
+            # After on_ready: under `serve`, READY=1 means sandboxed as well.
+            self.notifier.ready(f"listening on {self.listener.path}")
             while self._running:
                 self._iterate()
         finally:

@@ -30,7 +30,11 @@ class Notifier:
         self.address = address
         self.interval = watchdog_usec * WATCHDOG_FRACTION / 1e6 if watchdog_usec else None
         self.next_ping = time.monotonic() + self.interval if self.interval else None
+        # Created now, at startup, so that sending later needs no socket()
+        # call under the seccomp allowlist.
         self._sock: socket.socket | None = None
+        if address is not None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @classmethod
     def from_env(cls) -> Notifier:
@@ -58,10 +62,8 @@ class Notifier:
         return self.address is not None
 
     def notify(self, state: str) -> None:
-        if self.address is None:
+        if self.address is None or self._sock is None:
             return
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             self._sock.sendto(state.encode(), target)

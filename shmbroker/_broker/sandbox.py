@@ -70,7 +70,11 @@ def restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bo
     """Apply the sandbox; return the Landlock ABI it used."""
     allowed = rules(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir)
     abi = landlock.restrict_self(allowed)
-    log.info("landlock ABI %d: filesystem restricted to %s", abi, ", ".join(p for p, _ in allowed))
+    names = {landlock.READ: "r", landlock.READ_WRITE: "rw", landlock.ACCESS_FS_REMOVE_DIR: "rmdir"}
+    log.info(
+        "landlock ABI %d: filesystem restricted to %s",
+        abi, ", ".join(f"{path} ({names.get(access, hex(access))})" for path, access in allowed),
+    )
     return abi
 
 

@@ -177,3 +177,46 @@ def test_unknown_liveness_rule_is_refused(short_tmp: Path) -> None:
     path = Path(_config(short_tmp, "sometimes"))
     with pytest.raises(ConfigError, match=r"channels\.secret\.wipe_when: unknown rule 'sometimes'"):
         load_config(str(path))
+
+
+def test_release_zeroizes_even_for_a_mapping_kept_by_a_forked_child(broker: Any) -> None:
+    """fork() copies a client's MAP_SHARED mapping outside the broker's view;
+    when the last session detaches, what that copy reads must be zeros."""
+    att = ShmClient.attach("release", "producer", socket_path=broker.socket, size=4096)
+    att.buf[: len(SECRET[:64])] = SECRET[:64]
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(go_r, 1)
+            os.write(out_w, bytes(att._mapping.view[HEADER_SIZE : HEADER_SIZE + 64]))
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(out_w)
+    att.close()  # returns once the broker confirmed: release (and wipe) done
+    os.write(go_w, b"x")
+    seen = os.read(out_r, 64)
+    os.waitpid(pid, 0)
+    for fd in (go_w, out_r):
+        os.close(fd)
+    assert seen == bytes(64)
+
+
+def test_lease_break_wipes_before_the_opener_can_read(broker: Any) -> None:
+    """Root opening the unlinked segment through /proc/PID/fd (the only way in)
+    breaks the lease; the broker wipes first, so the opener reads zeros."""
+    producer = ShmClient.attach("intrude", "producer", socket_path=broker.socket, size=4096)
+    consumer = ShmClient.attach("intrude", "consumer", socket_path=broker.socket)
+    try:
+        producer.buf[:64] = SECRET[:64]
+        (fd,) = broker.segment_fds()
+        with open(f"/proc/{broker.pid}/fd/{fd}", "rb") as intruder:  # blocks until the lease is released
+            seen = intruder.read(HEADER_SIZE + 64)
+        assert seen[HEADER_SIZE:] == bytes(64)
+        assert consumer.revoked and bytes(consumer.buf[:64]) == bytes(64)
+        assert broker.events("lease_broken")
+    finally:
+        producer.close()
+        consumer.close()

@@ -163,7 +163,7 @@ class _Sandbox:
         from ._broker import auth, sandbox
         from ._broker.inspector import ExeInspector
 
-        self.inspector = ExeInspector.start()
+        self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
         auth.exe_inspector = self.inspector
         try:
             sandbox.restrict(

@@ -30,6 +30,11 @@ def _status_field(pid: int, name: str) -> str:
 def test_enforced_broker_serves_the_full_flow(broker_factory: Any, landlock: str) -> None:
     b = broker_factory("--seccomp", "enforce", "--landlock", landlock)
     assert _status_field(b.pid, "Seccomp") == "2"  # SECCOMP_MODE_FILTER
+    with open(f"/proc/{b.pid}/task/{b.pid}/children") as f:
+        children = [int(x) for x in f.read().split()]
+    assert len(children) == (1 if landlock == "on" else 0)  # the exe inspector
+    for child in children:
+        assert _status_field(child, "Seccomp") == "2"
     for _ in range(2):
         with ShmClient.attach("sc", "producer", socket_path=b.socket, size=65536) as p, \
              ShmClient.attach("sc", "consumer", socket_path=b.socket) as c:

@@ -12,7 +12,8 @@ the pidfd again, and answers (errno, st_dev, st_ino, path).
 It holds nothing else: every inherited fd is closed, it never sees segment
 fds, it dies with the broker (PR_SET_PDEATHSIG) and exits when its socket
 closes.  It inherits the broker's hardening (non-dumpable, no_new_privs,
-only CAP_SYS_PTRACE), which is exactly what it needs.
+only CAP_SYS_PTRACE), which is exactly what it needs, and under
+``serve --seccomp`` it runs under the broker's syscall allowlist too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ExeInspector:
         self.pid = pid
 
     @classmethod
-    def start(cls) -> ExeInspector:
+    def start(cls, seccomp_mode: str | None = None) -> ExeInspector:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         parent = os.getpid()
         pid = os.fork()
@@ -55,7 +56,7 @@ class ExeInspector:
             code = 1
             try:
                 parent_sock.close()
-                _serve(child_sock, parent)
+                _serve(child_sock, parent, seccomp_mode)
                 code = 0
             finally:
                 os._exit(code)
@@ -86,7 +87,7 @@ class ExeInspector:
             pass
 
 
-def _serve(sock: socket.socket, parent: int) -> None:  # pragma: no cover - child process
+def _serve(sock: socket.socket, parent: int, seccomp_mode: str | None) -> None:  # pragma: no cover - child process
     sysprctl.prctl(sysprctl.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return  # the broker died before PDEATHSIG was armed
@@ -97,6 +98,14 @@ def _serve(sock: socket.socket, parent: int) -> None:  # pragma: no cover - chil
     # Only stderr (for a crash message) and our socket survive.
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    if seccomp_mode is not None:
+        # The broker's own list: it covers stat, readlink, fdinfo reads and
+        # the socket calls, and keeps exec, ptrace, socket() out.  Installed
+        # silently: tools/seccomp_trace.py keys on the broker's log line.
+        from .._sys import seccomp
+        from .._sys.seccomp_allowlist import X86_64
+
+        seccomp.install(X86_64.values(), seccomp_mode)
     while True:
         data, fds, _ = fdpass.recv_with_fds(sock, _REQUEST.size)
         if not data:

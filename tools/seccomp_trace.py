@@ -88,13 +88,23 @@ def trace(workdir: Path) -> str:
     try:
         broker_pid = _exercise(str(sock), proc)
     finally:
-        # Signal the broker itself: proc is strace.
-        os.kill(broker_pid or proc.pid, signal.SIGTERM)
+        # Signal the broker itself: proc is strace, which would detach on
+        # SIGTERM and leave the broker running.
+        for pid in [broker_pid] if broker_pid else _children(proc.pid):
+            os.kill(pid, signal.SIGTERM)
         proc.wait(30)
         notify_sock.close()
     if MARKER not in (workdir / "broker.log").read_text():
         sys.exit(f"the broker never installed its filter; log:\n{(workdir / 'broker.log').read_text()}")
     return out.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def _drain(sock: socket.socket) -> None:

@@ -232,12 +232,18 @@ class ShmClient:
         socket_path: str | os.PathLike[str] | None = None,
         size: int | None = None,
         timeout: float = 5.0,
+        harden: bool = False,
     ) -> Attachment:
         """Attach to ``channel`` as ``"producer"`` or ``"consumer"``.
 
         A producer passing ``size=`` creates the channel if it does not exist
         and the broker's policy allows it.  Raises a subclass of
         :class:`shmbroker.errors.ShmBrokerError` on refusal.
+
+        ``harden=True`` first makes this process non-dumpable with no core
+        dumps (see :mod:`shmbroker.hardening`; capabilities are left alone).
+        A non-dumpable process hides its /proc/PID/exe, so only a broker
+        holding CAP_SYS_PTRACE can verify it; any other broker rejects it.
         """
         if role not in m.ROLES:
             raise ValueError(f"role must be 'producer' or 'consumer', not {role!r}")
@@ -248,6 +254,10 @@ class ShmClient:
             )
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise ValueError(f"size must be a positive number of bytes, not {size!r}")
+        if harden:
+            from .hardening import harden_process
+
+            harden_process(drop_capabilities=False)
         link = _Link(_resolve_path(socket_path), timeout)
         try:
             link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size))

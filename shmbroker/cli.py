@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
     serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
     serve.add_argument("--channel", metavar="NAME:SIZE", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB (repeatable)")
+    serve.add_argument(
+        "--landlock", choices=("auto", "on", "off"), default="auto",
+        help="restrict the broker's filesystem access after startup: auto (if the kernel has Landlock), "
+        "on (refuse to start without it), off (default: auto)",
+    )
+    serve.add_argument(
+        "--seccomp", choices=("off", "enforce", "trap", "log"), default="off",
+        help="syscall allowlist once serving: enforce (kill the broker on anything else), trap (same, "
+        "printing the Python stack that made the call), log (allow, kernel logs it); default: off",
+    )
     serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
@@ -61,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
+
+    from . import _doctor
+
+    doctor = sub.add_parser(
+        "doctor", help="check which kernel security features this machine has",
+        description="Probe leases, pidfds, Landlock, memfd seals, mlock, ptrace and core-dump settings, "
+        "and say what each missing one means.  Exit status: 0 all good, 1 reduced protection, 2 unsafe.",
+    )
+    _doctor.add_arguments(doctor)
     return parser
 
 
@@ -68,6 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
     from ._broker.loop import Broker
     from ._paths import default_socket_path
+    from ._sys import sdlisten
+    from ._sys.sdnotify import Notifier
 
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     config = load_config(args.config) if args.config else default_config()
@@ -75,9 +96,93 @@ def _serve(args: argparse.Namespace) -> int:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
         config.channels[name] = ChannelSpec(name=name, size=size)
-    socket_path = args.socket or config.socket_path or default_socket_path()
-    Broker(config, socket_path).run()
+    try:
+        activated = sdlisten.listen_socket()
+    except sdlisten.ActivationError as exc:
+        raise errors.ConfigError(f"socket activation: {exc}") from None
+    if activated is not None:
+        socket_path = activated.getsockname() or "(unnamed activated socket)"
+        log.info("socket activation: serving on the socket passed by the service manager (%s)", socket_path)
+    else:
+        socket_path = args.socket or config.socket_path or default_socket_path()
+    _harden_broker(config)
+    sandbox = _Sandbox(args.landlock, args.seccomp, socket_path, args.config)
+    try:
+        Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env(), on_ready=sandbox.apply).run()
+    finally:
+        sandbox.close()
     return 0
+
+
+def _harden_broker(config: Any) -> None:
+    """Before the first segment exists: no dumps, no ptrace, minimal capabilities."""
+    from ._sys.prctl import CAP_CHOWN
+    from .hardening import BROKER_CAPABILITIES, harden_process
+
+    keep = set(BROKER_CAPABILITIES)
+    if config.socket_group is not None:
+        keep.add(CAP_CHOWN)  # the listener chowns its socket to that group
+    harden_process(keep_capabilities=keep)
+
+
+class _Sandbox:
+    """Landlock once listening, with the exe inspector forked just before."""
+
+    def __init__(self, mode: str, seccomp_mode: str, socket_path: str, config_path: str | None) -> None:
+        from ._sys import landlock, seccomp
+
+        self.seccomp_mode = seccomp_mode
+        if seccomp_mode != "off" and (not seccomp.available() or seccomp.audit_arch() is None):
+            raise errors.ConfigError(
+                f"--seccomp {seccomp_mode}: no seccomp allowlist for this kernel/architecture "
+                f"({os.uname().machine}); run with --seccomp off"
+            )
+
+        self.socket_path, self.config_path = socket_path, config_path
+        self.inspector: Any = None
+        self.mode = mode
+        self.enabled = mode != "off"
+        if self.enabled and landlock.abi_version() <= 0:
+            if mode == "on":
+                raise errors.ConfigError(
+                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
+                )
+            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
+            self.enabled = False
+
+    def apply(self, broker: Any) -> None:
+        self._landlock(broker)
+        if self.seccomp_mode != "off":
+            from ._broker import sandbox
+
+            sandbox.install_seccomp(self.seccomp_mode)
+
+    def _landlock(self, broker: Any) -> None:
+        if not self.enabled:
+            return
+        from ._broker import auth, sandbox
+        from ._broker.inspector import ExeInspector
+
+        self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
+        auth.exe_inspector = self.inspector
+        try:
+            sandbox.restrict(
+                socket_path=self.socket_path, config_path=self.config_path,
+                remove_socket_dir=bool(getattr(broker.listener, "_created_dir", False)),
+            )
+        except OSError as exc:
+            if self.mode == "on":
+                raise errors.ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
+            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
+            self.close()
+
+    def close(self) -> None:
+        if self.inspector is not None:
+            from ._broker import auth
+
+            auth.exe_inspector = None
+            self.inspector.close()
+            self.inspector = None
 
 
 def _fmt_size(n: int) -> str:
@@ -127,7 +232,9 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": _serve, "status": _status}
+    from . import _doctor
+
+    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run}
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable
 
 from .._sys import peercred, pidfd
+from .inspector import ExeInspector, InspectorError
 from .policy import Identity
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 # called with the pid after the credentials were read.  Always None in
 # production; never set from configuration.
 after_credentials_hook: Callable[[int], None] | None = None
+# Set by `serve --landlock`: a Landlock-restricted broker may not stat other
+# processes' /proc/PID/exe itself, so an unsandboxed helper does it.
+exe_inspector: ExeInspector | None = None
 
 
 class AuthError(Exception):
@@ -54,9 +58,19 @@ class VerifiedPeer:
             self.pidfd = -1
 
 
-def _exe_identity(pid: int) -> tuple[int, int]:
+def _stat_exe(pid: int, pfd: int) -> tuple[int, int, str]:
+    """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
+    if exe_inspector is not None:
+        return exe_inspector.exe(pid, pfd)
+    st = os.stat(f"/proc/{pid}/exe")
+    return st.st_dev, st.st_ino, _exe_path(pid)
+
+
+def _exe_identity(pid: int, pfd: int) -> tuple[tuple[int, int], str]:
     try:
-        st = os.stat(f"/proc/{pid}/exe")
+        dev, ino, path = _stat_exe(pid, pfd)
+    except InspectorError as exc:
+        raise AuthError(f"peer pid {pid} cannot be verified: {exc.strerror}") from None
     except (PermissionError, OSError) as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise AuthError(
@@ -66,7 +80,7 @@ def _exe_identity(pid: int) -> tuple[int, int]:
         if exc.errno == errno.ENOENT:
             raise AuthError(f"peer pid {pid} exited before it could be verified") from None
         raise AuthError(f"cannot stat /proc/{pid}/exe: {exc.strerror}") from None
-    return st.st_dev, st.st_ino
+    return (dev, ino), path
 
 
 def _exe_path(pid: int) -> str:
@@ -99,8 +113,7 @@ def verify_peer(sock: socket.socket) -> VerifiedPeer:
         groups = peercred.peer_groups(sock)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
-        exe = _exe_identity(pid)
-        exe_path = _exe_path(pid)
+        exe, exe_path = _exe_identity(pid, pfd)
         # Only now do we know the stat above described the connecting process
         # (one check after the stat covers a peer that was already gone too).
         if pidfd.pidfd_pid(pfd) != pid:
@@ -122,8 +135,8 @@ def recheck(peer: VerifiedPeer) -> str | None:
     if peer.pidfd < 0:
         return None
     try:
-        exe = os.stat(f"/proc/{pid}/exe")
-        now = (exe.st_dev, exe.st_ino)
+        dev, ino, now_path = _stat_exe(pid, peer.pidfd)
+        now = (dev, ino)
     except OSError as exc:
         # ENOENT: a zombie has no mm, so no exe; it is exiting, not changing.
         if exc.errno == errno.ENOENT or pidfd.pidfd_pid(peer.pidfd) != pid:
@@ -133,7 +146,7 @@ def recheck(peer: VerifiedPeer) -> str | None:
         return None
     if now != peer.identity.exe:
         return (
-            f"pid {pid} now runs {_exe_path(pid)} (dev {now[0]}, inode {now[1]}), "
+            f"pid {pid} now runs {now_path} (dev {now[0]}, inode {now[1]}), "
             f"not {peer.identity.exe_path} it was admitted with"
         )
     return None

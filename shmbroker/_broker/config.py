@@ -22,6 +22,10 @@ from .._wire.messages import valid_channel_name
 from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
 
 BACKENDS = ("posix",)
+# Liveness rules for [channels.NAME] wipe_when: "never" keeps the data while
+# anyone is attached; "producer_gone" wipes and revokes the segment as soon as
+# its last producer detaches or dies (a dead-man's switch for the secret).
+WIPE_RULES = ("never", "producer_gone")
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -48,6 +52,7 @@ class ChannelSpec:
     name: str
     size: int
     backend: str = "posix"
+    wipe_when: str = "never"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +138,9 @@ class _Parser:
                 raise self.fail(key, "invalid channel name (letters, digits, '.', '_', '-'; at most 64)")
             if not isinstance(body, dict):
                 raise self.fail(key, "must be a table with at least 'size'")
-            unknown = sorted(set(body) - {"size", "backend"})
+            unknown = sorted(set(body) - {"size", "backend", "wipe_when"})
             if unknown:
-                raise self.fail(f"{key}.{unknown[0]}", "unknown key (known: backend, size)")
+                raise self.fail(f"{key}.{unknown[0]}", "unknown key (known: backend, size, wipe_when)")
             if "size" not in body:
                 raise self.fail(f"{key}.size", "missing; give the payload size, e.g. \"16MiB\"")
             try:
@@ -147,7 +152,10 @@ class _Parser:
             backend = body.get("backend", "posix")
             if backend not in BACKENDS:
                 raise self.fail(f"{key}.backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-            specs[name] = ChannelSpec(name=name, size=size, backend=backend)
+            wipe_when = body.get("wipe_when", "never")
+            if wipe_when not in WIPE_RULES:
+                raise self.fail(f"{key}.wipe_when", f"unknown rule {wipe_when!r} (known: {', '.join(WIPE_RULES)})")
+            specs[name] = ChannelSpec(name=name, size=size, backend=backend, wipe_when=wipe_when)
         return specs
 
     def rules(self, value: Any) -> tuple[Rule, ...]:

@@ -23,6 +23,7 @@ from .. import __version__
 from .._layout import LAYOUT_VERSION
 from .._sys import fdpass
 from .._sys.peercred import peer_credentials
+from .._sys.sdnotify import Notifier
 from .._wire import messages as m
 from .._wire.connection import CLOSED, NEED_DATA, Connection, Side, State
 from ..errors import (
@@ -103,6 +104,7 @@ class Broker:
         *,
         listen_socket: socket.socket | None = None,
         on_ready: Callable[[Broker], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.policy = config.policy
@@ -110,6 +112,7 @@ class Broker:
         self.listener = Listener(socket_path, config.socket_group)
         self._adopted = listen_socket
         self._on_ready = on_ready
+        self.notifier = notifier or Notifier(None, None)
         self.events = EventLog()
         self.channels: dict[str, Channel] = {
             name: Channel(spec, configured=True, owner_uid=None) for name, spec in config.channels.items()
@@ -133,10 +136,13 @@ class Broker:
             self._running = True
             if self._on_ready is not None:
                 self._on_ready(self)
+            # After on_ready: under `serve`, READY=1 means sandboxed as well.
+            self.notifier.ready(f"listening on {self.listener.path}")
             while self._running:
                 self._iterate()
         finally:
             self._teardown()
+            self.notifier.close()
 
     def stop(self) -> None:
         self._running = False
@@ -176,9 +182,12 @@ class Broker:
     def _iterate(self) -> None:
         now = time.monotonic()
         deadlines = [s.deadline for s in self.sessions.values() if s.deadline is not None]
-        timeout = min([TICK_SECONDS, *(d - now for d in deadlines)])
+        ping = self.notifier.seconds_until_ping(now)
+        timeout = min([TICK_SECONDS, *(d - now for d in deadlines), *([ping] if ping is not None else [])])
         for key, mask in self.selector.select(max(timeout, 0.0)):
             key.data(key, mask)
+        # From the loop itself: a stuck loop must stop the pings.
+        self.notifier.tick(time.monotonic())
         self._expire_deadlines()
         self._check_leases()
 
@@ -193,6 +202,7 @@ class Broker:
         if signums & {signal.SIGTERM, signal.SIGINT}:
             log.info("received %s; shutting down", ", ".join(signal.Signals(s).name for s in sorted(signums & {signal.SIGTERM, signal.SIGINT})))
             self._running = False
+            self.notifier.stopping()
         # SIGIO (and anything else): leases are checked after every iteration.
 
     def _expire_deadlines(self) -> None:
@@ -498,7 +508,20 @@ class Broker:
         log.info("detached pid %d from channel %r", identity.pid, channel.name)
         if not channel.sessions:
             self._release_segment(channel)
+        elif session.role == "producer":
+            self._apply_liveness_rule(channel)
         return reason
+
+    def _apply_liveness_rule(self, channel: Channel) -> None:
+        """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""
+        if channel.spec.wipe_when != "producer_gone" or channel.segment is None:
+            return
+        if any(s.role == "producer" for s in channel.sessions):
+            return
+        generation = channel.segment.generation
+        self._revoke(channel)
+        self.events.count("liveness_wipes")
+        log.info("last producer of channel %r left; wiped and revoked generation %d (wipe_when = producer_gone)", channel.name, generation)
 
     def _revoke(self, channel: Channel) -> None:
         """Wipe the channel's segment for everyone attached and stop handing it out."""

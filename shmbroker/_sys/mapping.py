@@ -9,7 +9,9 @@ run while buffers are exported.  We map with mmap(2) through ctypes instead:
   memory at the same address (MAP_FIXED), so the segment is released at once,
   while a memoryview that is still alive keeps pointing at valid memory: it
   reads zeros and its writes go nowhere, instead of crashing the process;
-* the address range itself is unmapped when the last exported view dies.
+* the address range itself is unmapped when the last exported view dies;
+* every mapping is locked in RAM and excluded from core dumps (memlock.py):
+  segments carry secrets, and this is the only place the library maps them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ctypes
 import mmap
 import weakref
 
+from . import memlock
 from .libc import libc, raise_errno
 
 _mmap = libc.mmap
@@ -41,7 +44,7 @@ def _unmap(address: int, length: int) -> None:
 class Mapping:
     """A MAP_SHARED mapping of ``length`` bytes of ``fd`` from offset 0."""
 
-    __slots__ = ("address", "length", "writable", "view", "_backing", "__weakref__")
+    __slots__ = ("address", "length", "writable", "locked", "view", "_backing", "__weakref__")
 
     def __init__(self, fd: int, length: int, *, writable: bool) -> None:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -52,6 +55,7 @@ class Mapping:
         self.address: int = address
         self.length = length
         self.writable = writable
+        self.locked = memlock.protect(address, length)
         backing = (ctypes.c_ubyte * length).from_address(address)
         # Every view handed out derives from this backing object, so its death
         # means no Python code can reach the range any more.

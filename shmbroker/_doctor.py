@@ -1,0 +1,200 @@
+"""`shmbroker doctor`: which kernel and environment features this machine has,
+and what each missing one means for security.
+
+Every check probes the real kernel (creates a segment, takes a lease, asks
+for a pidfd...) rather than reading version numbers, because distributions
+backport and disable features independently of the version.
+
+Exit status: 0 when everything is available, 1 when the broker runs with
+reduced protection (a "warn"), 2 when it cannot run securely (a "fail").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import resource
+import secrets
+import socket
+import sys
+from collections.abc import Callable
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_EXIT = {OK: 0, WARN: 1, FAIL: 2}
+_F_ADD_SEALS = 1033
+_F_GET_SEALS = 1034
+_F_SEAL_SHRINK, _F_SEAL_GROW = 0x0002, 0x0004
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    consequence: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    checks = [probe() for probe in PROBES]
+    if args.json:
+        json.dump([dataclasses.asdict(c) for c in checks], sys.stdout, indent=2)
+        print()
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            print(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}")
+            if c.consequence and c.status != OK:
+                print(f"{'':<4}  {'':<{width}}  -> {c.consequence}")
+    return max(_EXIT[c.status] for c in checks)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def check_leases() -> Check:
+    from ._sys import lease, shm
+
+    name = "/shmbroker-doctor-" + secrets.token_hex(8)
+    try:
+        fd = shm.shm_open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)
+    except OSError as exc:
+        return Check("leases", FAIL, f"shm_open failed: {exc.strerror}", "the broker cannot create segments at all (is /dev/shm mounted?)")
+    try:
+        shm.shm_unlink(name)
+        lease.take_write_lease(fd)
+        lease.release_lease(fd)
+    except OSError as exc:
+        enabled = _read("/proc/sys/fs/leases-enable")
+        return Check(
+            "leases", FAIL, f"F_SETLEASE refused: {exc.strerror} (fs.leases-enable={enabled})",
+            "no proof that nobody opened a segment during creation, and no alarm when root opens it later",
+        )
+    finally:
+        os.close(fd)
+    break_time = _read("/proc/sys/fs/lease-break-time")
+    detail = f"write leases work; lease-break-time {break_time or '?'} s"
+    if break_time is not None and int(break_time) < 1:
+        return Check(
+            "leases", WARN, detail,
+            "an intruder's open() is blocked for under a second; the broker's wipe may lose the race on a loaded machine",
+        )
+    return Check("leases", OK, detail, "")
+
+
+def check_pidfd() -> Check:
+    from ._sys import pidfd
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            fd = pidfd.peer_pidfd(a)
+            os.close(fd)
+            return Check("SO_PEERPIDFD", OK, "peers are pinned by pidfd at connect (Linux 6.5+)")
+        except OSError as exc:
+            if exc.errno != errno.ENOPROTOOPT:
+                return Check("SO_PEERPIDFD", FAIL, f"getsockopt failed: {exc.strerror}", "peers cannot be verified")
+        try:
+            os.close(pidfd.pidfd_open(os.getpid()))
+        except OSError as exc:
+            return Check("SO_PEERPIDFD", FAIL, f"neither SO_PEERPIDFD nor pidfd_open ({exc.strerror})",
+                         "the broker cannot tell a peer from a process that reused its pid")
+        return Check("SO_PEERPIDFD", WARN, "missing (kernel < 6.5); pidfd_open fallback in use",
+                     "a peer that exits between connect and verification can have its pid reused (polkit CVE-2019-6133 style)")
+    finally:
+        a.close()
+        b.close()
+
+
+def check_landlock() -> Check:
+    from ._sys import landlock
+
+    abi = landlock.abi_version()
+    if abi <= 0:
+        return Check("landlock", WARN, "not available (kernel < 5.13 or not in lsm=)",
+                     "a compromised broker can read and write anything its uid can; `serve --landlock on` refuses to start")
+    extra = "" if abi >= 3 else " (ABI < 3: ftruncate is not restricted)"
+    return Check("landlock", OK, f"ABI {abi}{extra}; `serve` restricts itself to its socket dir, /dev/shm, config, imports and /proc")
+
+
+def check_memfd_seals() -> Check:
+    try:
+        fd = os.memfd_create("shmbroker-doctor", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        return Check("memfd seals", WARN, f"memfd_create failed: {exc.strerror}", "the memfd backend is unavailable")
+    try:
+        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW)
+        seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError as exc:
+        return Check("memfd seals", WARN, f"sealing refused: {exc.strerror}",
+                     "a producer could truncate a memfd segment and crash readers with SIGBUS")
+    finally:
+        os.close(fd)
+    ok = seals & (_F_SEAL_SHRINK | _F_SEAL_GROW) == (_F_SEAL_SHRINK | _F_SEAL_GROW)
+    return Check("memfd seals", OK if ok else WARN, "F_SEAL_SHRINK|F_SEAL_GROW work" if ok else "seals did not stick",
+                 "" if ok else "truncation (SIGBUS) cannot be ruled out for memfd segments")
+
+
+def check_mlock() -> Check:
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+
+    def fmt(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else f"{v // 1024} KiB"
+
+    from ._sys.prctl import get_caps
+
+    has_ipc_lock = bool(get_caps()[0] >> 14 & 1)
+    detail = f"RLIMIT_MEMLOCK soft {fmt(soft)}, hard {fmt(hard)}" + ("; CAP_IPC_LOCK held" if has_ipc_lock else "")
+    if has_ipc_lock or hard == resource.RLIM_INFINITY:
+        return Check("mlock limit", OK, detail)
+    return Check("mlock limit", WARN, detail,
+                 f"clients can lock at most {fmt(hard)} of segments; larger ones may be swapped out "
+                 "(raise with ulimit -l / LimitMEMLOCK=)")
+
+
+def check_ptrace() -> Check:
+    scope = _read("/proc/sys/kernel/yama/ptrace_scope")
+    if scope is None:
+        return Check("ptrace restrictions", WARN, "Yama LSM absent: any process may ptrace others of its uid",
+                     "only non-dumpable processes are safe from same-uid ptrace: the broker hardens itself; "
+                     "clients should use attach(harden=True)")
+    meaning = {"0": "classic (same uid may attach)", "1": "restricted to descendants", "2": "admin only", "3": "no attach"}
+    status = WARN if scope == "0" else OK
+    return Check("ptrace restrictions", status, f"yama ptrace_scope={scope} ({meaning.get(scope, '?')})",
+                 "same-uid processes can read clients' segments through ptrace unless they harden themselves" if status == WARN else "")
+
+
+def check_coredumps() -> Check:
+    pattern = _read("/proc/sys/kernel/core_pattern") or "?"
+    suid = _read("/proc/sys/fs/suid_dumpable") or "?"
+    detail = f"core_pattern {pattern!r}, fs.suid_dumpable={suid}"
+    if suid == "1":
+        return Check("core dumps", WARN, detail, "non-dumpable processes still dump core (suid_dumpable=1): secrets may reach disk")
+    return Check("core dumps", OK, detail + "; the broker sets RLIMIT_CORE=0 and MADV_DONTDUMP on segments")
+
+
+def check_seccomp() -> Check:
+    from ._sys import seccomp
+
+    if not seccomp.available():
+        return Check("seccomp", WARN, "seccomp filters unavailable", "`serve --seccomp` cannot be used")
+    if seccomp.audit_arch() is None:
+        return Check("seccomp", WARN, f"no allowlist for architecture {os.uname().machine}", "`serve --seccomp` is refused here")
+    return Check("seccomp", OK, f"filters available ({os.uname().machine}); `serve --seccomp enforce|log` can be used")
+
+
+PROBES: list[Callable[[], Check]] = [
+    check_leases, check_pidfd, check_landlock, check_memfd_seals, check_mlock, check_ptrace, check_coredumps, check_seccomp,
+]

@@ -21,6 +21,16 @@ MADV_DONTDUMP = 16  # asm-generic/mman-common.h
 _mlock = libc.mlock
 _mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _mlock.restype = ctypes.c_int
+# mlock2(MLOCK_ONFAULT) (Linux 4.4, glibc 2.27) locks each page as it is first
+# touched instead of faulting the whole segment in at attach: plain mlock made
+# attaching a 1 MiB segment ~150 us slower, and a consumer that reads a small
+# part of a large segment would pin all of it.  Pages are never swapped once
+# resident either way, which is the property we need.
+MLOCK_ONFAULT = 1
+_mlock2 = getattr(libc, "mlock2", None)
+if _mlock2 is not None:
+    _mlock2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _mlock2.restype = ctypes.c_int
 _madvise = libc.madvise
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _madvise.restype = ctypes.c_int
@@ -32,8 +42,10 @@ _warned = False
 def raise_memlock_limit() -> tuple[int, int]:
     """Raise RLIMIT_MEMLOCK's soft limit to its hard limit; return the result."""
     global _limit_raised
+    if _limit_raised:
+        return resource.getrlimit(resource.RLIMIT_MEMLOCK)
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if not _limit_raised and soft != hard:
+    if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
             soft = hard
@@ -52,6 +64,8 @@ def protect(address: int, length: int) -> bool:
         err = ctypes.get_errno()
         log.warning("madvise(MADV_DONTDUMP) failed (errno %d): this mapping may appear in core dumps", err)
     raise_memlock_limit()
+    if _mlock2 is not None and _mlock2(address, length, MLOCK_ONFAULT) == 0:
+        return True
     if _mlock(address, length) == 0:
         return True
     if not _warned:

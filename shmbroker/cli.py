@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
     from ._broker.loop import Broker
+    from ._broker.sandbox import Sandbox
     from ._paths import default_socket_path
     from ._sys import sdlisten
     from ._sys.sdnotify import Notifier
@@ -106,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         socket_path = args.socket or config.socket_path or default_socket_path()
     _harden_broker(config)
-    sandbox = _Sandbox(args.landlock, args.seccomp, socket_path, args.config)
+    sandbox = Sandbox(args.landlock, args.seccomp, socket_path, args.config)
     try:
         Broker(config, socket_path, listen_socket=activated, notifier=Notifier.from_env(), on_ready=sandbox.apply).run()
     finally:
@@ -123,66 +124,6 @@ def _harden_broker(config: Any) -> None:
     if config.socket_group is not None:
         keep.add(CAP_CHOWN)  # the listener chowns its socket to that group
     harden_process(keep_capabilities=keep)
-
-
-class _Sandbox:
-    """Landlock once listening, with the exe inspector forked just before."""
-
-    def __init__(self, mode: str, seccomp_mode: str, socket_path: str, config_path: str | None) -> None:
-        from ._sys import landlock, seccomp
-
-        self.seccomp_mode = seccomp_mode
-        if seccomp_mode != "off" and (not seccomp.available() or seccomp.audit_arch() is None):
-            raise errors.ConfigError(
-                f"--seccomp {seccomp_mode}: no seccomp allowlist for this kernel/architecture "
-                f"({os.uname().machine}); run with --seccomp off"
-            )
-
-        self.socket_path, self.config_path = socket_path, config_path
-        self.inspector: Any = None
-        self.mode = mode
-        self.enabled = mode != "off"
-        if self.enabled and landlock.abi_version() <= 0:
-            if mode == "on":
-                raise errors.ConfigError(
-                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
-                )
-            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
-            self.enabled = False
-
-    def apply(self, broker: Any) -> None:
-        self._landlock(broker)
-        if self.seccomp_mode != "off":
-            from ._broker import sandbox
-
-            sandbox.install_seccomp(self.seccomp_mode)
-
-    def _landlock(self, broker: Any) -> None:
-        if not self.enabled:
-            return
-        from ._broker import auth, sandbox
-        from ._broker.inspector import ExeInspector
-
-        self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
-        auth.exe_inspector = self.inspector
-        try:
-            sandbox.restrict(
-                socket_path=self.socket_path, config_path=self.config_path,
-                remove_socket_dir=bool(getattr(broker.listener, "_created_dir", False)),
-            )
-        except OSError as exc:
-            if self.mode == "on":
-                raise errors.ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
-            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
-            self.close()
-
-    def close(self) -> None:
-        if self.inspector is not None:
-            from ._broker import auth
-
-            auth.exe_inspector = None
-            self.inspector.close()
-            self.inspector = None
 
 
 def _fmt_size(n: int) -> str:

@@ -31,6 +31,11 @@ class Listener:
         self._created_dir = False
         self._owns_path = False
 
+    @property
+    def created_directory(self) -> bool:
+        """True when this listener created the socket directory (and so removes it at close)."""
+        return self._created_dir
+
     def open(self) -> socket.socket:
         self._prepare_directory()
         self._lock_directory()

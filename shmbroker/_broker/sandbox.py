@@ -25,8 +25,13 @@ import os
 import select
 import sysconfig
 
+from typing import Any
+
 from .._sys import landlock, seccomp
 from .._sys.seccomp_allowlist import X86_64
+from ..errors import ConfigError
+from . import auth
+from .inspector import ExeInspector
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +89,54 @@ def install_seccomp(mode: str) -> None:
     # tools/seccomp_trace.py looks for this line: syscalls after it are the
     # ones the allowlist must contain.
     log.info("seccomp filter installed (%s, %d syscalls allowed)", mode, len(X86_64))
+
+
+class Sandbox:
+    """Landlock once listening, with the exe inspector forked just before."""
+
+    def __init__(self, mode: str, seccomp_mode: str, socket_path: str, config_path: str | None) -> None:
+        self.seccomp_mode = seccomp_mode
+        if seccomp_mode != "off" and (not seccomp.available() or seccomp.audit_arch() is None):
+            raise ConfigError(
+                f"--seccomp {seccomp_mode}: no seccomp allowlist for this kernel/architecture "
+                f"({os.uname().machine}); run with --seccomp off"
+            )
+
+        self.socket_path, self.config_path = socket_path, config_path
+        self.inspector: Any = None
+        self.mode = mode
+        self.enabled = mode != "off"
+        if self.enabled and landlock.abi_version() <= 0:
+            if mode == "on":
+                raise ConfigError(
+                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
+                )
+            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
+            self.enabled = False
+
+    def apply(self, broker: Any) -> None:
+        self._landlock(broker)
+        if self.seccomp_mode != "off":
+            install_seccomp(self.seccomp_mode)
+
+    def _landlock(self, broker: Any) -> None:
+        if not self.enabled:
+            return
+        self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
+        auth.exe_inspector = self.inspector
+        try:
+            restrict(
+                socket_path=self.socket_path, config_path=self.config_path,
+                remove_socket_dir=broker.listener.created_directory,
+            )
+        except OSError as exc:
+            if self.mode == "on":
+                raise ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
+            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
+            self.close()
+
+    def close(self) -> None:
+        if self.inspector is not None:
+            auth.exe_inspector = None
+            self.inspector.close()
+            self.inspector = None

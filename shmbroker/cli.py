@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
+
+    from ._bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure shmbroker beside pipes, sockets, queues and other shared-memory IPC", description="Measure throughput, latency, CPU per message and attach cost of shmbroker and its peers, in separate processes, on this machine.")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -124,10 +129,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": _serve, "status": _status}
+    handlers = {"serve": _serve, "status": _status, "bench": _bench}
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:

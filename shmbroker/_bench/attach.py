@@ -1,0 +1,104 @@
+"""Attach cost: one client's connect-to-mapped latency, and the broker's
+attach rate when many clients attach and close at once.
+
+Uses only the core API (ShmClient.attach and Attachment.close) against a
+private broker with one predeclared channel; every client is its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+from .broker import TempBroker
+from .runner import BenchError, Ready, WorkerGroup
+from .stats import summarize_ns
+
+CHANNEL = "bench-attach"
+CHANNEL_SIZE = 64 * 1024
+STALL_ALLOWANCE = 60.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _attach_loop(ready: Ready, socket_path: str, count: int) -> dict[str, Any]:
+    from .. import ShmClient
+
+    # Connect once before timing: imports and first-touch page faults are
+    # start-up costs, not what a long-running client pays per attach.
+    ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path).close()
+    ready()
+    times = array("q")
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        att = ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path)
+        t1 = time.perf_counter_ns()
+        if len(att.buf) != CHANNEL_SIZE:
+            raise BenchError(f"attached a {len(att.buf)}-byte segment, expected {CHANNEL_SIZE}")
+        att.close()
+        times.append(t1 - t0)
+    return {"attach_ns": times.tobytes()}
+
+
+def _churn(ready: Ready, socket_path: str, seconds: float) -> dict[str, Any]:
+    from .. import ShmClient
+
+    ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path).close()
+    ready()
+    start = time.perf_counter_ns()
+    end = start + int(seconds * 1e9)
+    done = 0
+    while True:
+        att = ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path)
+        att.close()
+        done += 1
+        t = time.perf_counter_ns()
+        if t >= end:
+            break
+    return {"attaches": done, "t_start": start, "t_end": t}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class AttachBench:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700)
+        self.broker = TempBroker(directory, "--channel", f"{CHANNEL}:{CHANNEL_SIZE}")
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+    def latency(self, count: int) -> dict[str, Any]:
+        group = WorkerGroup(timeout=STALL_ALLOWANCE)
+        group.spawn("attach client", _attach_loop, self.broker.socket, count)
+        (result,) = group.run()
+        from .workloads import samples
+
+        return {"attaches": count, "latency_us": summarize_ns(samples(result["attach_ns"]))}
+
+    def rate(self, clients: int, seconds: float) -> dict[str, Any]:
+        group = WorkerGroup(timeout=seconds + STALL_ALLOWANCE)
+        for i in range(clients):
+            group.spawn(f"attach client {i}", _churn, self.broker.socket, seconds)
+        cpu0 = _cpu_seconds(self.broker.proc.pid)
+        results = group.run()
+        broker_cpu = _cpu_seconds(self.broker.proc.pid) - cpu0
+        total = sum(r["attaches"] for r in results)
+        elapsed = (max(r["t_end"] for r in results) - min(r["t_start"] for r in results)) / 1e9
+        if total == 0 or elapsed <= 0:
+            raise BenchError("no attach completed")
+        return {
+            "clients": clients,
+            "seconds": elapsed,
+            "attaches": total,
+            "attaches_per_s": total / elapsed,
+            # Includes the harness waiting for workers to start: an upper bound.
+            "broker_cpu_s_per_attach": broker_cpu / total,
+        }

@@ -14,15 +14,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__, errors
-from . import ceiling, jsonout, machine, measure, table
-from .attach import AttachBench
-from .peers import PEERS, Peer, RunContext
-from .progress import Progress
-from .runner import BenchError
-from .workloads import MIN_MESSAGE
+from .peers import PEER_NAMES, load
+
+if TYPE_CHECKING:
+    from .peers import Peer
+    from .progress import Progress
+
+# The timing header every message starts with (workloads.HEADER); kept here
+# so parsing arguments does not import the workers' machinery.
+MIN_MESSAGE = 16
 
 DEFAULT_SIZES = (64, 4096, 65536, 1048576)
 # Largest message: the bench holds several in flight per lane, in every peer.
@@ -47,6 +50,9 @@ QUICK_ATTACHES = 100
 QUICK_CHURN_S = 0.3
 QUICK_CEILING_S = 0.01
 MIN_MESSAGES = 20  # a size's floor however big its messages
+# Untimed round trips first; as for the stream warm-up (workloads.WARMUP),
+# enough to touch every buffer slot of every peer once.
+WARMUP_TRIPS = 32
 ATTACH_CLIENTS = 8
 
 
@@ -88,11 +94,11 @@ def _positive(kind: type) -> Any:
 
 def _peer_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PEERS]
+    unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r} (known: {', '.join(PEERS)})")
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r} (known: {', '.join(PEER_NAMES)})")
     if not names:
-        raise argparse.ArgumentTypeError(f"give at least one peer (known: {', '.join(PEERS)})")
+        raise argparse.ArgumentTypeError(f"give at least one peer (known: {', '.join(PEER_NAMES)})")
     return list(dict.fromkeys(names))
 
 
@@ -103,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     amount.add_argument("--duration", type=_positive(float), metavar="S", help=f"seconds per throughput figure (default: {FULL_DURATION_S:g})")
     parser.add_argument("--producers", type=_positive(int), default=1, metavar="P", help="producer processes (default: 1)")
     parser.add_argument("--consumers", type=_positive(int), default=1, metavar="C", help="consumer processes; must equal --producers: each producer streams to its own consumer (default: 1)")
-    parser.add_argument("--peers", type=_peer_list, metavar="LIST", help=f"peers to run, comma separated (default: all: {','.join(PEERS)})")
+    parser.add_argument("--peers", type=_peer_list, metavar="LIST", help=f"peers to run, comma separated (default: all: {','.join(PEER_NAMES)})")
     parser.add_argument("--json", metavar="FILE", help="write every figure and the machine description as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency per size (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="a smoke run that finishes in seconds (CI); figures are indicative only")
@@ -138,8 +144,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _list_peers() -> int:
-    for name, cls in PEERS.items():
-        peer = cls()
+    for name in PEER_NAMES:
+        peer = load(name)()
         reason = peer.available()
         print(f"{name:<14} {'ok' if reason is None else 'skipped: ' + reason}")
         print(f"{'':<14} {peer.description}")
@@ -179,6 +185,9 @@ def _remove_shm(tag: str) -> list[str]:
 
 
 def _run_peer(peer: Peer, sizes: list[int], plan: dict[str, Any], lanes: int, progress: Progress) -> dict[str, Any]:
+    from . import measure
+    from .runner import BenchError
+
     entry: dict[str, Any] = {"description": peer.description, "status": "ok", "sizes": []}
     for size in sizes:
         figures: dict[str, Any] = {"size": size}
@@ -191,7 +200,7 @@ def _run_peer(peer: Peer, sizes: list[int], plan: dict[str, Any], lanes: int, pr
             progress.advance()
             progress.step(f"{peer.name} {size} B latency")
             trips = max(MIN_MESSAGES, min(plan["round_trips"], plan["round_trip_bytes"] // size))
-            figures["latency"] = measure.latency(peer, size, trips, max(1, trips // 10))
+            figures["latency"] = measure.latency(peer, size, trips, max(WARMUP_TRIPS, trips // 10))
             progress.advance()
         except BenchError as exc:
             figures["error"] = str(exc)
@@ -225,11 +234,16 @@ def _ratios(peers: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import ceiling, jsonout, machine, table, workloads
+    from .peers import RunContext
+    from .progress import Progress
+
+    assert workloads.HEADER.size == MIN_MESSAGE
     if args.list_peers:
         return _list_peers()
     _check_args(args)
 
-    names = args.peers or list(PEERS)
+    names = args.peers or list(PEER_NAMES)
     plan = _plan(args)
     lanes = args.producers
     started = time.time()
@@ -255,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     }
     peers: dict[str, Peer] = {}
     for name in names:
-        peer = PEERS[name]()
+        peer = load(name)()
         reason = peer.available()
         if reason is None:
             peers[name] = peer
@@ -267,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     tmpdir = Path(tempfile.mkdtemp(prefix="shmbench-", dir="/tmp"))  # short: AF_UNIX paths
     ctx = RunContext(tmpdir=tmpdir, tag=f"shmbench{os.getpid()}_")
     failed = False
+    from .runner import BenchError
+
     try:
         for size in args.sizes:
             progress.step(f"memcpy ceiling {size} B")
@@ -310,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_attach(tmpdir: Path, plan: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from .attach import AttachBench
+    from .runner import BenchError
+
     result: dict[str, Any] = {"status": "ok"}
     bench = None
     try:

@@ -1,31 +1,35 @@
-"""The mechanisms shmbroker is measured against, one module each."""
+"""The mechanisms shmbroker is measured against, one module each.
+
+Modules load only when a bench runs, so building the command line (which
+every `shmbroker serve` does) never imports multiprocessing or a peer library.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from .base import Lane, Peer, Receiver, RunContext, Sender
-from .faster_fifo import FasterFifoPeer
-from .iox2 import Iceoryx2Peer
-from .mp_queue import MpQueuePeer
-from .pipe import PipePeer
-from .shared_memory import SharedMemoryPeer
-from .shmbroker_ring import ShmbrokerRingPeer
-from .unix_socket import UnixSocketPeer
-from .zmq_ipc import ZmqPeer
 
-# Registry order is the order of table columns and plot legends:
-# shmbroker first, then from the most common choice to the most specialised.
-PEERS: dict[str, type[Peer]] = {
-    cls.name: cls
-    for cls in (
-        ShmbrokerRingPeer,
-        PipePeer,
-        UnixSocketPeer,
-        MpQueuePeer,
-        SharedMemoryPeer,
-        FasterFifoPeer,
-        ZmqPeer,
-        Iceoryx2Peer,
-    )
+# Order is the order of table rows and plot legends: shmbroker first, then
+# from the most common choice to the most specialised.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "shmbroker": ("shmbroker_ring", "ShmbrokerRingPeer"),
+    "pipe": ("pipe", "PipePeer"),
+    "unix": ("unix_socket", "UnixSocketPeer"),
+    "mp-queue": ("mp_queue", "MpQueuePeer"),
+    "shared-memory": ("shared_memory", "SharedMemoryPeer"),
+    "faster-fifo": ("faster_fifo", "FasterFifoPeer"),
+    "zmq": ("zmq_ipc", "ZmqPeer"),
+    "iceoryx2": ("iox2", "Iceoryx2Peer"),
 }
+PEER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-__all__ = ["PEERS", "Lane", "Peer", "Receiver", "RunContext", "Sender"]
+
+def load(name: str) -> type[Peer]:
+    module, cls = _REGISTRY[name]
+    peer: type[Peer] = getattr(importlib.import_module(f".{module}", __name__), cls)
+    assert peer.name == name, f"peer module {module} names itself {peer.name!r}"
+    return peer
+
+
+__all__ = ["PEER_NAMES", "Lane", "Peer", "Receiver", "RunContext", "Sender", "load"]

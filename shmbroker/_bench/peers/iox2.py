@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from .base import Lane, Peer, Receiver, Sender
 # Depth of the subscriber's queue: the same eight messages in flight as the
 # other bounded peers.
 DEPTH = 8
+# Each side waits this long for the other to create its port.
+CONNECT_WAIT = 20.0
 
 
 def _node(root: Path, prefix: str) -> Any:
@@ -45,6 +48,14 @@ def _service(node: Any, name: str) -> Any:
     )
 
 
+def _wait_for(count: Any, what: str) -> None:
+    deadline = time.monotonic() + CONNECT_WAIT
+    while count() < 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} appeared on the iceoryx2 service within {CONNECT_WAIT:g} s")
+        time.sleep(0.001)
+
+
 class _Publish(Sender):
     def __init__(self, node: Any, service: Any, size: int) -> None:
         import iceoryx2 as iox2
@@ -57,7 +68,11 @@ class _Publish(Sender):
             .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
             .create()
         )
-        self._src: Any = None
+        # Connect before the measurement: samples sent while a connection is
+        # still being set up are dropped even with overflow disabled (seen
+        # with 0.10; iceoryx2 issues #305 and #1697 describe relatives).
+        _wait_for(lambda: service.dynamic_config.number_of_subscribers, "subscriber")
+        self.publisher.update_connections()
 
     def send(self, data: memoryview) -> None:
         n = len(data)
@@ -78,6 +93,11 @@ class _Subscribe(Receiver):
         self.node = node
         self.service = service
         self.subscriber = service.subscriber_builder().create()
+        _wait_for(lambda: service.dynamic_config.number_of_publishers, "publisher")
+        # Nothing is sent before the harness says go; this receive only
+        # makes the subscriber connect to the publisher now.
+        if self.subscriber.receive() is not None:
+            raise RuntimeError("a sample arrived before the measurement started")
         self.size = size
         self._dst: Any = None
         self._buf: bytearray | None = None

@@ -11,6 +11,7 @@ import inspect
 import time
 from typing import Any
 
+from ...limits import PAGE_SIZE
 from ..broker import TempBroker
 from .base import Lane, Peer, Receiver, Sender
 
@@ -19,8 +20,17 @@ DEPTH = 8
 # Per-message bookkeeping a ring may keep next to each payload; generous, so
 # the ring never holds fewer than DEPTH messages whatever its record format.
 RECORD_OVERHEAD = 64
+# The ring's control page in front of its data, and the smallest data area
+# it accepts (one page each in issue 3's layout).
+CONTROL = PAGE_SIZE
+MIN_DATA = PAGE_SIZE
 # A consumer may start before its producer created the channel.
 ATTACH_WAIT = 10.0
+
+
+def ring_size(message: int) -> int:
+    """Payload bytes of a ring channel holding DEPTH messages of this size."""
+    return CONTROL + max(MIN_DATA, DEPTH * (message + RECORD_OVERHEAD))
 
 
 def _blocking(method: Any) -> dict[str, Any]:
@@ -70,7 +80,7 @@ class _RingLane(Lane):
             self.channel,
             "producer",
             socket_path=self.socket_path,
-            size=DEPTH * (self.size + RECORD_OVERHEAD),
+            size=ring_size(self.size),
             ring=True,
             max_message=self.size,
         )

@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     report["peers"] = {name: report["peers"][name] for name in names}
     report["ratios"] = _ratios(report["peers"])
     report["wall_seconds"] = time.time() - started
-    report["cleanup"] = {"removed_from_dev_shm": leftovers}
+    report["cleanup"] = {"tmpdir": str(tmpdir), "removed_from_dev_shm": leftovers}
 
     print(table.render(report))
     if args.json:

@@ -7,6 +7,7 @@ it started when anything fails or Ctrl-C arrives.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -62,10 +63,16 @@ class _Worker:
     name: str
     proc: Any
     conn: multiprocessing.connection.Connection
+    inbox: collections.deque[Any] = dataclasses.field(default_factory=collections.deque)
+    eof: bool = False
 
 
 class WorkerGroup:
-    """Start workers, release them at once when all are set up, collect results."""
+    """Start workers, release them at once when all are set up, collect results.
+
+    Any worker failing or dying fails the whole group at once (its partner
+    would otherwise wait forever for messages that never come).
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -77,41 +84,46 @@ class WorkerGroup:
         receiver, sender = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_bootstrap, args=(os.getpid(), sender, self.go, fn, args), name=name, daemon=True)
         proc.start()
+        # Closed before the next fork, so each pipe has exactly one writer
+        # and a dead worker shows up as EOF.
         sender.close()
         self.workers.append(_Worker(name, proc, receiver))
 
-    def _check_others(self) -> None:
-        for w in self.workers:
-            code = w.proc.exitcode
-            if code not in (None, 0) and not w.conn.poll():
-                raise BenchError(f"{w.name} died ({_describe_exit(code)})")
+    def _pump(self, worker: _Worker) -> None:
+        while not worker.eof and worker.conn.poll(0):
+            try:
+                status, value = worker.conn.recv()
+            except EOFError:
+                worker.eof = True
+                break
+            if status == "err":
+                raise BenchError(f"{worker.name} failed: {value}")
+            worker.inbox.append(value)
+        if worker.eof and not worker.inbox:
+            worker.proc.join(1.0)
+            raise BenchError(f"{worker.name} died ({_describe_exit(worker.proc.exitcode)})")
 
-    def _receive(self, worker: _Worker, deadline: float, what: str) -> Any:
+    def _next_from_all(self, timeout: float, what: str) -> list[Any]:
+        deadline = time.monotonic() + timeout
         while True:
-            if worker.conn.poll(POLL_INTERVAL):
-                try:
-                    status, value = worker.conn.recv()
-                except EOFError:
-                    worker.proc.join(1.0)
-                    raise BenchError(f"{worker.name} died ({_describe_exit(worker.proc.exitcode)})") from None
-                if status == "err":
-                    raise BenchError(f"{worker.name} failed: {value}")
-                return value
-            self._check_others()
+            for w in self.workers:
+                self._pump(w)
+            waiting = [w for w in self.workers if not w.inbox]
+            if not waiting:
+                return [w.inbox.popleft() for w in self.workers]
             if time.monotonic() > deadline:
-                raise BenchError(f"{worker.name} did not {what} within {self.timeout if what != 'get ready' else SETUP_TIMEOUT:g} s")
+                raise BenchError(f"{', '.join(w.name for w in waiting)} did not {what} within {timeout:g} s")
+            multiprocessing.connection.wait([w.conn for w in waiting], POLL_INTERVAL)
 
     def run(self) -> list[Any]:
         """Results of every worker in spawn order; raises BenchError on any failure."""
         try:
-            deadline = time.monotonic() + SETUP_TIMEOUT
-            for w in self.workers:
-                self._receive(w, deadline, "get ready")
+            self._next_from_all(SETUP_TIMEOUT, "get ready")
             self.go.set()
-            deadline = time.monotonic() + self.timeout
-            results = [self._receive(w, deadline, "finish") for w in self.workers]
+            started = time.monotonic()
+            results = self._next_from_all(self.timeout, "finish")
             for w in self.workers:
-                w.proc.join(max(0.1, deadline - time.monotonic()))
+                w.proc.join(max(1.0, self.timeout - (time.monotonic() - started)))
                 if w.proc.exitcode is None:
                     raise BenchError(f"{w.name} did not exit after reporting")
             return results

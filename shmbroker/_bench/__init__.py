@@ -211,8 +211,11 @@ def _run_peer(peer: Peer, sizes: list[int], plan: dict[str, Any], lanes: int, pr
 
 
 def _ratios(peers: dict[str, Any]) -> dict[str, Any]:
-    """shmbroker's figures over each peer's, per size (>1: shmbroker is better)."""
-    ours = {f["size"]: f for f in peers.get("shmbroker", {}).get("sizes", []) if "throughput" in f}
+    """shmbroker's figures over each peer's, per size (>1: shmbroker is better).
+
+    A figure a side lacks (its measurement failed) has no ratio.
+    """
+    ours = {f["size"]: f for f in peers.get("shmbroker", {}).get("sizes", [])}
     ratios: dict[str, Any] = {}
     for name, entry in peers.items():
         if name == "shmbroker":
@@ -220,14 +223,16 @@ def _ratios(peers: dict[str, Any]) -> dict[str, Any]:
         rows = []
         for f in entry.get("sizes", []):
             mine = ours.get(f["size"])
-            if mine is None or "throughput" not in f:
+            if mine is None:
                 continue
-            rows.append({
-                "size": f["size"],
-                "throughput": mine["throughput"]["msgs_per_s"] / f["throughput"]["msgs_per_s"],
-                "round_trip_p50": f["latency"]["round_trip_us"]["p50"] / mine["latency"]["round_trip_us"]["p50"],
-                "cpu_per_msg": f["throughput"]["cpu_s_per_msg"] / mine["throughput"]["cpu_s_per_msg"],
-            })
+            row: dict[str, Any] = {"size": f["size"]}
+            if "throughput" in f and "throughput" in mine:
+                row["throughput"] = mine["throughput"]["msgs_per_s"] / f["throughput"]["msgs_per_s"]
+                row["cpu_per_msg"] = f["throughput"]["cpu_s_per_msg"] / mine["throughput"]["cpu_s_per_msg"]
+            if "latency" in f and "latency" in mine:
+                row["round_trip_p50"] = f["latency"]["round_trip_us"]["p50"] / mine["latency"]["round_trip_us"]["p50"]
+            if len(row) > 1:
+                rows.append(row)
         if rows:
             ratios[name] = rows
     return ratios

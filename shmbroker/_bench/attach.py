@@ -23,7 +23,7 @@ STALL_ALLOWANCE = 60.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _attach_loop(ready: Ready, socket_path: str, count: int) -> dict[str, Any]:
+def _attach_loop(ready: Ready, socket_path: str, count: int) -> None:
     from .. import ShmClient
 
     # Connect once before timing: imports and first-touch page faults are
@@ -39,10 +39,10 @@ def _attach_loop(ready: Ready, socket_path: str, count: int) -> dict[str, Any]:
             raise BenchError(f"attached a {len(att.buf)}-byte segment, expected {CHANNEL_SIZE}")
         att.close()
         times.append(t1 - t0)
-    return {"attach_ns": times.tobytes()}
+    ready.report({"attach_ns": times.tobytes()})
 
 
-def _churn(ready: Ready, socket_path: str, seconds: float) -> dict[str, Any]:
+def _churn(ready: Ready, socket_path: str, seconds: float) -> None:
     from .. import ShmClient
 
     ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path).close()
@@ -57,7 +57,7 @@ def _churn(ready: Ready, socket_path: str, seconds: float) -> dict[str, Any]:
         t = time.perf_counter_ns()
         if t >= end:
             break
-    return {"attaches": done, "t_start": start, "t_end": t}
+    ready.report({"attaches": done, "t_start": start, "t_end": t})
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -17,13 +17,13 @@ def draw(report: dict[str, Any], path: str) -> None:
     sizes = report["config"]["sizes"]
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
     for name, entry in report["peers"].items():
-        points = [f for f in entry.get("sizes", []) if "throughput" in f]
-        if not points:
-            continue
-        xs = [f["size"] for f in points]
         style = {"linewidth": 3, "color": "black", "zorder": 5} if name == "shmbroker" else {"linewidth": 1.5}
-        ax_t.plot(xs, [f["throughput"]["mb_per_s"] for f in points], marker="o", label=name, **style)
-        ax_l.plot(xs, [f["latency"]["round_trip_us"]["p50"] for f in points], marker="o", label=f"{name} p50", **style)
+        tput = [f for f in entry.get("sizes", []) if "throughput" in f]
+        if tput:
+            ax_t.plot([f["size"] for f in tput], [f["throughput"]["mb_per_s"] for f in tput], marker="o", label=name, **style)
+        lat = [f for f in entry.get("sizes", []) if "latency" in f]
+        if lat:
+            ax_l.plot([f["size"] for f in lat], [f["latency"]["round_trip_us"]["p50"] for f in lat], marker="o", label=f"{name} p50", **style)
     ceiling = report["ceiling"]["memcpy"]
     if ceiling:
         ax_t.plot([c["size"] for c in ceiling], [c["mb_per_s"] for c in ceiling], linestyle="--", color="grey", label="memcpy (ceiling)")

@@ -31,25 +31,49 @@ class BenchError(errors.ShmBrokerError):
     """A measurement could not be made (a worker failed, hung or lied)."""
 
 
-Ready = Callable[[], None]
+class Sync:
+    """A worker's side of the start and finish lines.
+
+    ``sync()`` (calling the object) says "set up" and waits for the go that
+    releases every worker at once.  ``sync.report(result)`` hands the result
+    over and waits until every worker has reported: only then may a worker
+    close its end, so no peer sees its partner go away (and perhaps drop
+    messages still in flight) while the measurement is still running.
+    """
+
+    def __init__(self, conn: multiprocessing.connection.Connection, go: Any, done: Any) -> None:
+        self.conn = conn
+        self.go = go
+        self.done = done
+        self.reported = False
+
+    def __call__(self) -> None:
+        self.conn.send(("ready", None))
+        if not self.go.wait(SETUP_TIMEOUT * 2):
+            raise BenchError("the harness never started the measurement")
+
+    def report(self, result: Any) -> None:
+        self.conn.send(("ok", result))
+        self.reported = True
+        # The harness kills us if it never says done; no timeout needed here.
+        self.done.wait()
 
 
-def _bootstrap(parent: int, conn: multiprocessing.connection.Connection, go: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+Ready = Sync
+
+
+def _bootstrap(parent: int, conn: multiprocessing.connection.Connection, go: Any, done: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # the harness died before prctl took effect
         os._exit(1)
     # Ctrl-C goes to the whole foreground process group; the harness alone
     # decides, and kills us, so a worker never prints a KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def ready() -> None:
-        conn.send(("ready", None))
-        if not go.wait(SETUP_TIMEOUT * 2):
-            raise BenchError("the harness never started the measurement")
-
+    sync = Sync(conn, go, done)
     try:
-        result = fn(ready, *args)
-        conn.send(("ok", result))
+        result = fn(sync, *args)
+        if not sync.reported:
+            conn.send(("ok", result))
     except BaseException as exc:  # reported to the harness, which decides
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
@@ -78,11 +102,12 @@ class WorkerGroup:
         self.timeout = timeout
         self.ctx = multiprocessing.get_context("fork")
         self.go = self.ctx.Event()
+        self.done = self.ctx.Event()
         self.workers: list[_Worker] = []
 
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         receiver, sender = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_bootstrap, args=(os.getpid(), sender, self.go, fn, args), name=name, daemon=True)
+        proc = self.ctx.Process(target=_bootstrap, args=(os.getpid(), sender, self.go, self.done, fn, args), name=name, daemon=True)
         proc.start()
         # Closed before the next fork, so each pipe has exactly one writer
         # and a dead worker shows up as EOF.
@@ -122,6 +147,7 @@ class WorkerGroup:
             self.go.set()
             started = time.monotonic()
             results = self._next_from_all(self.timeout, "finish")
+            self.done.set()
             for w in self.workers:
                 w.proc.join(max(1.0, self.timeout - (time.monotonic() - started)))
                 if w.proc.exitcode is None:

@@ -49,18 +49,18 @@ def render(report: dict[str, Any]) -> str:
         rows: list[list[str]] = []
         for name, entry in report["peers"].items():
             figures = next((f for f in entry.get("sizes", []) if f["size"] == size), None)
-            if figures is None or "throughput" not in figures:
+            if figures is None or not ("throughput" in figures or "latency" in figures):
                 continue
-            t, lat = figures["throughput"], figures["latency"]
-            one, rtt = lat["one_way_us"], lat["round_trip_us"]
-            r = ratios.get(name, {}).get(size)
-            rows.append([
-                name, _num(t["msgs_per_s"]), _num(t["mb_per_s"]),
-                _us(one["p50"]), _us(one["p99"]), _us(one["p99_9"]),
-                _us(rtt["p50"]), _us(rtt["p99"]), _us(rtt["p99_9"]),
-                f"{t['cpu_s_per_msg'] * 1e6:.2f}",
-                _ratio(r["throughput"] if r else None), _ratio(r["round_trip_p50"] if r else None),
-            ])
+            cells = [name]
+            t = figures.get("throughput")
+            cells += [_num(t["msgs_per_s"]), _num(t["mb_per_s"])] if t else ["-", "-"]
+            lat = figures.get("latency")
+            for kind in ("one_way_us", "round_trip_us"):
+                cells += [_us(lat[kind][p]) for p in ("p50", "p99", "p99_9")] if lat else ["-"] * 3
+            cells.append(f"{t['cpu_s_per_msg'] * 1e6:.2f}" if t else "-")
+            r = ratios.get(name, {}).get(size, {})
+            cells += [_ratio(r.get("throughput")), _ratio(r.get("round_trip_p50"))]
+            rows.append(cells)
         c = ceiling.get(size)
         if c:
             rows.append(["memcpy (ceiling)", _num(c["msgs_per_s"]), _num(c["mb_per_s"]), *["-"] * 9])

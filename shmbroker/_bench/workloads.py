@@ -48,7 +48,7 @@ def _check(buf: bytearray, n: int, size: int, expect: int) -> int:
     return int(sent_at)
 
 
-def stream_producer(ready: Ready, lane: Lane, size: int, count: int, duration_ns: int) -> dict[str, Any]:
+def stream_producer(ready: Ready, lane: Lane, size: int, count: int, duration_ns: int) -> None:
     sender = lane.open_sender()
     buf = _message(size)
     view = memoryview(buf)
@@ -79,11 +79,11 @@ def stream_producer(ready: Ready, lane: Lane, size: int, count: int, duration_ns
     pack(buf, 0, STOP, 0)
     send(view)
     cpu = time.process_time() - cpu0
+    ready.report({"sent": sent, "t_start": t_start, "cpu_s": cpu})
     sender.close()
-    return {"sent": sent, "t_start": t_start, "cpu_s": cpu}
 
 
-def stream_consumer(ready: Ready, lane: Lane, size: int) -> dict[str, Any]:
+def stream_consumer(ready: Ready, lane: Lane, size: int) -> None:
     receiver = lane.open_receiver()
     buf = bytearray(size)
     recv_into = receiver.recv_into
@@ -100,11 +100,11 @@ def stream_consumer(ready: Ready, lane: Lane, size: int) -> dict[str, Any]:
         expect += 1
     t_end = now()
     cpu = time.process_time() - cpu0
+    ready.report({"received": expect - WARMUP, "t_end": t_end, "cpu_s": cpu})
     receiver.close()
-    return {"received": expect - WARMUP, "t_end": t_end, "cpu_s": cpu}
 
 
-def pinger(ready: Ready, fwd: Lane, back: Lane, size: int, samples: int, warmup: int) -> dict[str, Any]:
+def pinger(ready: Ready, fwd: Lane, back: Lane, size: int, samples: int, warmup: int) -> None:
     sender = fwd.open_sender()
     receiver = back.open_receiver()
     out = _message(size)
@@ -124,12 +124,12 @@ def pinger(ready: Ready, fwd: Lane, back: Lane, size: int, samples: int, warmup:
             rtt.append(t1 - t0)
     HEADER.pack_into(out, 0, STOP, 0)
     sender.send(view)
+    ready.report({"rtt_ns": rtt.tobytes()})
     sender.close()
     receiver.close()
-    return {"rtt_ns": rtt.tobytes()}
 
 
-def echo(ready: Ready, fwd: Lane, back: Lane, size: int, warmup: int) -> dict[str, Any]:
+def echo(ready: Ready, fwd: Lane, back: Lane, size: int, warmup: int) -> None:
     receiver = fwd.open_receiver()
     sender = back.open_sender()
     buf = bytearray(size)
@@ -147,9 +147,9 @@ def echo(ready: Ready, fwd: Lane, back: Lane, size: int, warmup: int) -> dict[st
             oneway.append(t - sent_at)
         expect += 1
         sender.send(view)
+    ready.report({"oneway_ns": oneway.tobytes()})
     sender.close()
     receiver.close()
-    return {"oneway_ns": oneway.tobytes()}
 
 
 def samples(raw: bytes) -> list[int]:

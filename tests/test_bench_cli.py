@@ -215,3 +215,31 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err
     _assert_nothing_left(marker, proc.pid)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iceoryx2") is None, reason="iceoryx2 is not installed (pip install 'shmbroker[bench]')")
+def test_the_next_run_removes_what_a_killed_run_left(tmp_path: Path) -> None:
+    # iceoryx2 names its files in /dev/shm itself: after kill -9 of the
+    # harness nobody is left to remove them, so the next run does.
+    marker = uuid.uuid4().hex
+    proc = _start_long_run(tmp_path, marker, "iceoryx2")
+    tag = f"shmbench{proc.pid}_"
+    deadline = time.monotonic() + 30
+    while not [n for n in os.listdir("/dev/shm") if n.startswith(tag)]:
+        assert time.monotonic() < deadline, "iceoryx2 made no file with the run's prefix"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _marked_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _marked_processes(marker) == []
+    tmpdirs = [n for n in os.listdir("/tmp") if n.startswith(f"shmbench-{proc.pid}-")]
+    assert tmpdirs, "the killed run's private directory should still be there"
+
+    result = _bench("--quick", "--peers", "pipe", "--sizes", "64", "--json", str(tmp_path / "r.json"), marker=marker)
+    assert result.returncode == 0, result.stderr
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(tag)] == []
+    assert [n for n in os.listdir("/tmp") if n.startswith(f"shmbench-{proc.pid}-")] == []
+    stale = json.loads((tmp_path / "r.json").read_text())["cleanup"]["stale_removed"]
+    assert f"/tmp/{tmpdirs[0]}" in stale

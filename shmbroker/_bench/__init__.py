@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -184,6 +185,38 @@ def _remove_shm(tag: str) -> list[str]:
     return removed
 
 
+_STALE = re.compile(r"shmbench-?(\d+)[_-]")
+
+
+def _remove_stale() -> list[str]:
+    """Leftovers of runs killed with -9 (the one way to skip our cleanup).
+
+    Names carry the harness's pid; a name whose pid no longer exists is
+    stale.  A reused pid only makes us keep a leftover, never remove a live
+    run's files.
+    """
+    removed = []
+    for directory in ("/dev/shm", "/tmp"):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            match = _STALE.match(name)
+            if not match or os.path.exists(f"/proc/{match.group(1)}"):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def _run_peer(peer: Peer, sizes: list[int], plan: dict[str, Any], lanes: int, progress: Progress) -> dict[str, Any]:
     from . import measure
     from .runner import BenchError
@@ -283,7 +316,9 @@ def run(args: argparse.Namespace) -> int:
 
     steps = len(args.sizes) + 2 * len(args.sizes) * len(peers) + 2
     progress = Progress(steps)
-    tmpdir = Path(tempfile.mkdtemp(prefix="shmbench-", dir="/tmp"))  # short: AF_UNIX paths
+    stale = _remove_stale()
+    # Short (AF_UNIX paths), and named after our pid so a later run can tell it is stale.
+    tmpdir = Path(tempfile.mkdtemp(prefix=f"shmbench-{os.getpid()}-", dir="/tmp"))
     ctx = RunContext(tmpdir=tmpdir, tag=f"shmbench{os.getpid()}_")
     failed = False
     from .runner import BenchError
@@ -316,12 +351,13 @@ def run(args: argparse.Namespace) -> int:
     report["peers"] = {name: report["peers"][name] for name in names}
     report["ratios"] = _ratios(report["peers"])
     report["wall_seconds"] = time.time() - started
-    report["cleanup"] = {"tmpdir": str(tmpdir), "removed_from_dev_shm": leftovers}
+    report["cleanup"] = {"tmpdir": str(tmpdir), "removed_from_dev_shm": leftovers, "stale_removed": stale}
 
-    print(table.render(report))
+    # JSON first: if anything below fails, the figures are already safe.
     if args.json:
         jsonout.write(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
+    print(table.render(report))
     if args.plot:
         from . import plot
 

@@ -40,6 +40,7 @@ def draw(report: dict[str, Any], path: str) -> None:
     ax_l.set_title("Latency")
     m = report["machine"]
     note = " (--quick: indicative only)" if report["config"]["quick"] else ""
-    fig.suptitle(f"shmbroker bench: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}{note}", fontsize="medium")
+    load = f", load {m['loadavg_at_start'][0]:.2f} at start" if m.get("loadavg_at_start") else ""
+    fig.suptitle(f"shmbroker bench: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}{load}{note}", fontsize="medium")
     fig.savefig(path, dpi=100)
     plt.close(fig)

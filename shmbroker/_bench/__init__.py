@@ -170,7 +170,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
 
 def _remove_shm(tag: str) -> list[str]:
     """Remove what this run left in /dev/shm (names carry the run's tag)."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir("/dev/shm")
     except OSError:
@@ -195,7 +195,7 @@ def _remove_stale() -> list[str]:
     stale.  A reused pid only makes us keep a leftover, never remove a live
     run's files.
     """
-    removed = []
+    removed: list[str] = []
     for directory in ("/dev/shm", "/tmp"):
         try:
             names = os.listdir(directory)

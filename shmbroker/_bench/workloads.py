@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 import time
 from array import array
-from typing import Any
 
 from .peers.base import Lane
 from .runner import BenchError, Ready

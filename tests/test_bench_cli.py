@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,11 @@ def test_kill_9_of_the_harness_takes_its_workers_along(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     _assert_nothing_left(marker, proc.pid)
+    # Only the run's private directory stays (the next run removes it, see
+    # below); this test removes it itself so the suite leaves nothing.
+    for name in os.listdir("/tmp"):
+        if name.startswith(f"shmbench-{proc.pid}-"):
+            shutil.rmtree(f"/tmp/{name}")
 
 
 def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:

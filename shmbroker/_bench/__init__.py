@@ -228,7 +228,8 @@ def _run_peer(peer: Peer, sizes: list[int], plan: dict[str, Any], lanes: int, pr
             progress.step(f"{peer.name} {size} B throughput")
             messages = 0
             if plan["messages"]:
-                messages = max(MIN_MESSAGES, min(plan["messages"], plan["byte_budget"] // size))
+                # --quick caps the bytes per size; a count given by hand is used as is.
+                messages = min(plan["messages"], max(MIN_MESSAGES, plan["byte_budget"] // size))
             figures["throughput"] = measure.throughput(peer, size, lanes, messages, plan["duration_s"])
             progress.advance()
             progress.step(f"{peer.name} {size} B latency")
@@ -355,15 +356,21 @@ def run(args: argparse.Namespace) -> int:
 
     # JSON first: if anything below fails, the figures are already safe.
     if args.json:
-        jsonout.write(args.json, report)
-        print(f"wrote {args.json}", file=sys.stderr)
+        _write(args.json, lambda: jsonout.write(args.json, report))
     print(table.render(report))
     if args.plot:
         from . import plot
 
-        plot.draw(report, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        _write(args.plot, lambda: plot.draw(report, args.plot))
     return 1 if failed else 0
+
+
+def _write(path: str, write: Any) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise errors.ShmBrokerError(f"could not write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _run_attach(tmpdir: Path, plan: dict[str, Any], progress: Progress) -> dict[str, Any]:

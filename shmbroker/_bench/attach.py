@@ -1,5 +1,6 @@
-"""Attach cost: one client's connect-to-mapped latency, and the broker's
-attach rate when many clients attach and close at once.
+"""Attach cost: one client's connect-to-mapped latency (attaching to an
+existing channel, and creating one), and the broker's attach rate when many
+clients attach and close at once.
 
 Uses only the core API (ShmClient.attach and Attachment.close) against a
 private broker with one predeclared channel; every client is its own process.
@@ -42,6 +43,26 @@ def _attach_loop(ready: Ready, socket_path: str, count: int) -> None:
     ready.report({"attach_ns": times.tobytes()})
 
 
+def _create_loop(ready: Ready, socket_path: str, count: int) -> None:
+    """A producer creating a fresh channel each time: segment creation, lease and all."""
+    from .. import ShmClient
+
+    ShmClient.attach("bench-create-warm", "producer", socket_path=socket_path, size=CHANNEL_SIZE).close()
+    ready()
+    times = array("q")
+    for i in range(count):
+        t0 = time.perf_counter_ns()
+        # On-demand channels go away when their last peer detaches, so the
+        # broker never holds more than one of these at a time.
+        att = ShmClient.attach(f"bench-create-{i}", "producer", socket_path=socket_path, size=CHANNEL_SIZE)
+        t1 = time.perf_counter_ns()
+        if len(att.buf) != CHANNEL_SIZE:
+            raise BenchError(f"created a {len(att.buf)}-byte segment, expected {CHANNEL_SIZE}")
+        att.close()
+        times.append(t1 - t0)
+    ready.report({"attach_ns": times.tobytes()})
+
+
 def _churn(ready: Ready, socket_path: str, seconds: float) -> None:
     from .. import ShmClient
 
@@ -76,12 +97,16 @@ class AttachBench:
         self.broker.stop()
 
     def latency(self, count: int) -> dict[str, Any]:
-        group = WorkerGroup(timeout=STALL_ALLOWANCE)
-        group.spawn("attach client", _attach_loop, self.broker.socket, count)
-        (result,) = group.run()
+        """Consumer attach to an existing channel, then producer attach creating one."""
         from .workloads import samples
 
-        return {"attaches": count, "latency_us": summarize_ns(samples(result["attach_ns"]))}
+        figures: dict[str, Any] = {"attaches": count}
+        for key, fn in (("latency_us", _attach_loop), ("create_latency_us", _create_loop)):
+            group = WorkerGroup(timeout=STALL_ALLOWANCE)
+            group.spawn("attach client", fn, self.broker.socket, count)
+            (result,) = group.run()
+            figures[key] = summarize_ns(samples(result["attach_ns"]))
+        return figures
 
     def rate(self, clients: int, seconds: float) -> dict[str, Any]:
         group = WorkerGroup(timeout=seconds + STALL_ALLOWANCE)

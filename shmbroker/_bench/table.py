@@ -77,6 +77,11 @@ def render(report: dict[str, Any]) -> str:
             f"attach (connect to mapped, {attach['latency']['attaches']} attaches): p50 {_us(lat['p50'])} us, "
             f"p99 {_us(lat['p99'])} us, p99.9 {_us(lat['p99_9'])} us"
         )
+        create = attach["latency"]["create_latency_us"]
+        out.append(
+            f"attach creating the channel (producer, new segment): p50 {_us(create['p50'])} us, "
+            f"p99 {_us(create['p99'])} us, p99.9 {_us(create['p99_9'])} us"
+        )
         out.append(
             f"attach rate, {rate['clients']} client processes attaching and closing for {rate['seconds']:.1f} s: "
             f"{_num(rate['attaches_per_s'])} attaches/s, broker CPU {rate['broker_cpu_s_per_attach'] * 1e6:.0f} us/attach"

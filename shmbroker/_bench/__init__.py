@@ -262,7 +262,8 @@ def _ratios(peers: dict[str, Any]) -> dict[str, Any]:
             row: dict[str, Any] = {"size": f["size"]}
             if "throughput" in f and "throughput" in mine:
                 row["throughput"] = mine["throughput"]["msgs_per_s"] / f["throughput"]["msgs_per_s"]
-                row["cpu_per_msg"] = f["throughput"]["cpu_s_per_msg"] / mine["throughput"]["cpu_s_per_msg"]
+                if mine["throughput"]["cpu_s_per_msg"] > 0:  # 0 only below the clock's resolution
+                    row["cpu_per_msg"] = f["throughput"]["cpu_s_per_msg"] / mine["throughput"]["cpu_s_per_msg"]
             if "latency" in f and "latency" in mine:
                 row["round_trip_p50"] = f["latency"]["round_trip_us"]["p50"] / mine["latency"]["round_trip_us"]["p50"]
             if len(row) > 1:

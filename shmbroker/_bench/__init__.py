@@ -54,6 +54,8 @@ MIN_MESSAGES = 20  # a size's floor however big its messages
 # Untimed round trips first; as for the stream warm-up (workloads.WARMUP),
 # enough to touch every buffer slot of every peer once.
 WARMUP_TRIPS = 32
+# Clients attaching at once in the attach-rate figure: four per core on a
+# 2-core machine, enough that the broker, not the clients, is the bottleneck.
 ATTACH_CLIENTS = 8
 
 

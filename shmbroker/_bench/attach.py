@@ -8,7 +8,6 @@ private broker with one predeclared channel; every client is its own process.
 
 from __future__ import annotations
 
-import os
 import time
 from array import array
 from pathlib import Path
@@ -21,7 +20,6 @@ from .stats import summarize_ns
 CHANNEL = "bench-attach"
 CHANNEL_SIZE = 64 * 1024
 STALL_ALLOWANCE = 60.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _attach_loop(ready: Ready, socket_path: str, count: int) -> None:
@@ -81,13 +79,6 @@ def _churn(ready: Ready, socket_path: str, seconds: float) -> None:
     ready.report({"attaches": done, "t_start": start, "t_end": t})
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 class AttachBench:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700)
@@ -112,9 +103,9 @@ class AttachBench:
         group = WorkerGroup(timeout=seconds + STALL_ALLOWANCE)
         for i in range(clients):
             group.spawn(f"attach client {i}", _churn, self.broker.socket, seconds)
-        cpu0 = _cpu_seconds(self.broker.proc.pid)
+        cpu0 = self.broker.cpu_seconds()
         results = group.run()
-        broker_cpu = _cpu_seconds(self.broker.proc.pid) - cpu0
+        broker_cpu = self.broker.cpu_seconds() - cpu0
         total = sum(r["attaches"] for r in results)
         elapsed = (max(r["t_end"] for r in results) - min(r["t_start"] for r in results)) / 1e9
         if total == 0 or elapsed <= 0:

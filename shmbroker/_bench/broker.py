@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # own wait and is only reached on a badly overloaded machine.
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _die_with_parent() -> None:
@@ -69,6 +70,12 @@ class TempBroker:
                     pass
             time.sleep(0.02)
         raise errors.ShmBrokerError(f"the bench broker was not ready after {READY_TIMEOUT:g} s:\n{self._log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """The broker's user + system CPU so far (/proc/PID/stat; clock-tick resolution)."""
+        with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -68,6 +68,10 @@ class Peer(abc.ABC):
     def stop(self) -> None:  # noqa: B027
         """Once per bench run; must be safe after a failed or partial start."""
 
+    def helper_cpu_seconds(self) -> float | None:
+        """CPU used so far by a process the peer needs besides the workers (a broker)."""
+        return None
+
     @abc.abstractmethod
     def lane(self, size: int, index: int) -> Lane:
         """A fresh lane for messages of exactly ``size`` bytes."""

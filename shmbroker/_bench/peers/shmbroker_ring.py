@@ -125,6 +125,11 @@ class ShmbrokerRingPeer(Peer):
             self.broker.stop()
             self.broker = None
 
+    def helper_cpu_seconds(self) -> float | None:
+        # The broker should be idle while messages flow; if it is not, that
+        # CPU is part of what each message costs.
+        return self.broker.cpu_seconds() if self.broker is not None else None
+
     def lane(self, size: int, index: int) -> Lane:
         assert self.broker is not None, "start() first"
         self.count += 1

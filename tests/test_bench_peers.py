@@ -178,3 +178,25 @@ def test_a_failing_worker_fails_the_group_and_nothing_is_left_running(fn: Any, a
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize(
+    "name, module, hint",
+    [("faster-fifo", "faster_fifo", "faster-fifo is not installed"), ("zmq", "zmq", "pyzmq is not installed"), ("iceoryx2", "iceoryx2", "iceoryx2 is not installed")],
+)
+def test_a_missing_optional_peer_is_skipped_with_how_to_install_it(name: str, module: str, hint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+
+    from shmbroker.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a))
+    reason = load(name)().available()
+    assert reason is not None and hint in reason and "pip install 'shmbroker[bench]'" in reason
+
+    report = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--peers", f"{name},pipe", "--sizes", "64", "--json", str(report)]) == 0
+    entry = json.loads(report.read_text())["peers"][name]
+    assert entry == {"description": load(name).description, "status": "skipped", "skipped": reason}
+    assert f"{name}: skipped: {hint}" in capsys.readouterr().out

@@ -62,10 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
-    from ._bench import add_arguments as add_bench_arguments
+    from . import _bench
 
-    bench = sub.add_parser("bench", help="measure shmbroker beside pipes, sockets, queues and other shared-memory IPC", description="Measure throughput, latency, CPU per message and attach cost of shmbroker and its peers, in separate processes, on this machine.")
-    add_bench_arguments(bench)
+    bench = sub.add_parser(
+        "bench", help="measure shmbroker beside pipes, sockets, queues and other shared-memory IPC",
+        description="Measure throughput, latency, CPU per message and attach cost of shmbroker and its peers, "
+        "in separate processes, on this machine.",
+    )
+    _bench.add_arguments(bench)
     return parser
 
 
@@ -129,16 +133,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from ._bench import run
-
-    return run(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"serve": _serve, "status": _status, "bench": _bench}
+    from . import _bench
+
+    handlers = {"serve": _serve, "status": _status, "bench": _bench.run}
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
-    from . import _doctor
+    from . import _bench, _doctor
 
     doctor = sub.add_parser(
         "doctor", help="check which kernel security features this machine has",
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and say what each missing one means.  Exit status: 0 all good, 1 reduced protection, 2 unsafe.",
     )
     _doctor.add_arguments(doctor)
+
+    bench = sub.add_parser(
+        "bench", help="measure shmbroker beside pipes, sockets, queues and other shared-memory IPC",
+        description="Measure throughput, latency, CPU per message and attach cost of shmbroker and its peers, "
+        "in separate processes, on this machine.",
+    )
+    _bench.add_arguments(bench)
     return parser
 
 
@@ -173,9 +180,9 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import _doctor
+    from . import _bench, _doctor
 
-    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run}
+    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run, "bench": _bench.run}
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:

@@ -21,11 +21,12 @@ def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
 def test_help_describes_every_command() -> None:
     top = shmbroker("--help")
     assert top.returncode == 0
-    for command in ("serve", "status"):
+    expected = {"serve": "--socket", "status": "--socket", "doctor": "--json", "bench": "--quick"}
+    for command, option in expected.items():
         assert command in top.stdout
         sub = shmbroker(command, "--help")
         assert sub.returncode == 0
-        assert "--socket" in sub.stdout
+        assert option in sub.stdout
 
 
 def test_second_broker_on_a_live_socket_is_refused(broker: BrokerProc) -> None:

@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 # Test seam for the "peer dies between getsockopt and /proc" race (issue A1):
 # called with the pid after the credentials were read.  Always None in
-# production; never set from configuration.
+# production: it is a plain module attribute that only Python code running
+# inside the broker process can set (tests fork the broker from the test
+# process, see tests/adversary.py); no config key, option or environment
+# variable reaches it, and the broker logs a warning at start if it is set.
 after_credentials_hook: Callable[[int], None] | None = None
 
 

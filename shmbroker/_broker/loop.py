@@ -33,6 +33,7 @@ from ..errors import (
     ProtocolError,
     ShmBrokerError,
 )
+from . import auth
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
 from .config import BrokerConfig, ChannelSpec
 from .events import EventLog
@@ -148,6 +149,11 @@ class Broker:
         self._old_wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGIO, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             self._old_handlers[signum] = signal.signal(signum, _note_signal)
+        if auth.after_credentials_hook is not None:
+            # Only Python code in this very process can set the seam (no
+            # config key, option or environment variable reaches it); say so
+            # loudly should it ever be set outside the test suite.
+            log.warning("test seam auth.after_credentials_hook is set: this broker runs under a test harness")
         sock = self.listener.adopt(self._adopted) if self._adopted else self.listener.open()
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)

@@ -52,10 +52,15 @@ def write_config(directory: Path, body: str, *, name: str = "broker.toml") -> st
 
 def policy_toml(
     *, uids: tuple[int, ...] = (0,), executables: tuple[str, ...] | None = (PYTHON,), limits: dict[str, Any] | None = None,
-    channels: dict[str, dict[str, Any]] | None = None,
+    channels: dict[str, dict[str, Any]] | None = None, socket_group: int | None = None,
 ) -> str:
-    """A config allowing ``uids`` (running one of ``executables``) everything, with create."""
+    """A config allowing ``uids`` (running one of ``executables``) everything, with create.
+
+    ``socket_group`` lets processes of that group reach the socket, so the
+    broker itself (not the directory mode) is what refuses them."""
     lines = []
+    if socket_group is not None:
+        lines += ["[broker]", f"socket_group = {socket_group}"]
     if limits:
         lines.append("[limits]")
         lines += [f"{k} = {v!r}" for k, v in limits.items()]
@@ -302,3 +307,30 @@ def dev_null_fds(n: int) -> list[int]:
 def send_fds_raw(sock: socket.socket, data: bytes, fds: list[int]) -> int:
     """sendmsg with SCM_RIGHTS even when ``data`` is empty (fdpass refuses nothing)."""
     return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def stable_fd_count(pid: int, settle: float = 0.3, timeout: float = 10.0) -> int:
+    """The broker's fd count once it stopped changing for ``settle`` seconds
+    (a status query just made leaves its session open until EOF is read)."""
+    from helpers import fd_count
+
+    deadline = time.monotonic() + timeout
+    last, since = fd_count(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return now
+    raise AssertionError(f"fd count of pid {pid} never settled")
+
+
+def wait_fd_baseline(pid: int, baseline: int, timeout: float = 10.0) -> None:
+    from helpers import fd_count
+
+    deadline = time.monotonic() + timeout
+    while fd_count(pid) > baseline:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"broker pid {pid} holds {fd_count(pid)} fds, baseline {baseline}: a leak")
+        time.sleep(0.05)

@@ -225,12 +225,8 @@ class Broker:
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
-        incomplete = sum(1 for s in self.sessions.values() if s.deadline is not None)
         if len(self.sessions) >= self.limits.max_connections:
             self._refuse(sock, m.Error("limit", f"broker is at its connection limit ({self.limits.max_connections}); try again later"))
-            return
-        if incomplete >= self.limits.max_incomplete_connections:
-            self._refuse(sock, m.Error("limit", "too many connections are still in their handshake; try again later"))
             return
         try:
             peer = verify_peer(sock)
@@ -258,12 +254,36 @@ class Broker:
             peer.close()
             self._refuse(sock, m.Error("limit", f"uid {identity.uid} already has {per_uid} connections (limit {self.limits.max_connections_per_uid})"))
             return
+        self._make_room_for_handshake()
         conn = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size, max_pending_frames=self.limits.max_pending_frames)
         session = Session(sock, peer, conn, time.monotonic() + self.limits.handshake_timeout)
         self.sessions[sock.fileno()] = session
         self.selector.register(sock, selectors.EVENT_READ, self._on_session)
         self.events.count("peers_verified")
         log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
+
+    def _make_room_for_handshake(self) -> None:
+        """Keep at most max_incomplete_connections handshakes in flight.
+
+        Refusing newcomers once the table is full (dbus-daemon) lets a
+        slowloris that holds every slot lock everyone out until its
+        deadlines expire.  Like OpenSSH's MaxStartups we drop early instead,
+        but we drop the *oldest* handshake of the uid holding the most
+        slots: a verified newcomer always gets in, and its hello+attach,
+        usually already queued, completes on the next loop iteration.
+        """
+        incomplete = [s for s in self.sessions.values() if s.deadline is not None]
+        while len(incomplete) >= self.limits.max_incomplete_connections:
+            per_uid = collections.Counter(s.uid for s in incomplete)
+            greediest = max(per_uid, key=lambda uid: per_uid[uid])
+            victim = min((s for s in incomplete if s.uid == greediest), key=lambda s: s.deadline or 0.0)
+            incomplete.remove(victim)
+            self.events.count("handshakes_evicted")
+            log.info(
+                "%d handshakes in flight (max_incomplete_connections); dropped the oldest one, pid %d of uid %d",
+                len(incomplete) + 1, victim.peer.identity.pid, victim.uid,
+            )
+            self._fail(victim, m.Error("limit", "too many connections are still in their handshake; dropped the oldest"))
 
     def _reject(self, sock: socket.socket, reason: str, pid: int | None, uid: int | None) -> None:
         if pid is None:

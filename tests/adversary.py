@@ -101,10 +101,15 @@ class RawPeer:
         return peer
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
-        if fds:
-            fdpass.send_with_fds(self.sock, data, fds)
-        else:
-            self.sock.sendall(data)
+        """Send; a broker that already hung up is not an error here (read
+        :meth:`replies` to see why it did)."""
+        try:
+            if fds:
+                fdpass.send_with_fds(self.sock, data, fds)
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _next(self, deadline: float) -> m.Message | None:
         while True:

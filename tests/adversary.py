@@ -339,3 +339,37 @@ def wait_fd_baseline(pid: int, baseline: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"broker pid {pid} holds {fd_count(pid)} fds, baseline {baseline}: a leak")
         time.sleep(0.05)
+
+
+def start_broker_with(tmp: Path, prefix: list[str], *args: str, name: str = "run") -> Any:
+    """Like conftest.start_broker, with ``prefix`` (e.g. setpriv ...) in front."""
+    import subprocess
+
+    from helpers import BrokerProc
+
+    sock = tmp / name / "broker.sock"
+    log = tmp / f"{name}-broker.log"
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "shmbroker", "serve", "--socket", str(sock), "-v", *args],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+    )
+    broker = BrokerProc(proc=proc, socket=str(sock), log=log)
+    # Not broker.wait_ready(): with fewer capabilities than this process the
+    # broker cannot verify us (cap_ptrace_access_check), so watch the log.
+    deadline = time.monotonic() + 15
+    while "listening on" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"broker did not start:\n{log.read_text()}")
+        time.sleep(0.02)
+    return broker
+
+
+def capabilities(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+CAP_SYS_PTRACE = 19

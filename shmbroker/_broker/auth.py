@@ -67,9 +67,26 @@ def _exe_identity(pid: int) -> tuple[int, int]:
                 "namespace) and the broker lacks CAP_SYS_PTRACE to verify it"
             ) from None
         if exc.errno == errno.ENOENT:
+            if _leader_exited(pid):
+                raise AuthError(_LEADER_EXITED.format(pid=pid)) from None
             raise AuthError(f"peer pid {pid} exited before it could be verified") from None
         raise AuthError(f"cannot stat /proc/{pid}/exe: {exc.strerror}") from None
     return st.st_dev, st.st_ino
+
+
+_LEADER_EXITED = (
+    "the main thread of pid {pid} has exited while other threads run on, so its executable "
+    "(/proc/{pid}/exe) cannot be verified; keep the main thread alive in processes that use the broker"
+)
+
+
+def _leader_exited(pid: int) -> bool:
+    """A zombie thread-group leader has no mm, hence no /proc/PID/exe, while
+    its other threads still run (pthread_exit() in main)."""
+    try:
+        return any(int(tid) != pid for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
 
 
 def _exe_path(pid: int) -> str:
@@ -129,9 +146,13 @@ def recheck(peer: VerifiedPeer) -> str | None:
         exe = os.stat(f"/proc/{pid}/exe")
         now = (exe.st_dev, exe.st_ino)
     except OSError as exc:
-        # ENOENT: a zombie has no mm, so no exe; it is exiting, not changing.
-        if exc.errno == errno.ENOENT or pidfd.pidfd_pid(peer.pidfd) != pid:
+        if pidfd.pidfd_pid(peer.pidfd) != pid:
             return None
+        if exc.errno == errno.ENOENT:
+            # A zombie has no mm, so no exe: it is exiting, not changing --
+            # unless threads live on without their leader, which we can no
+            # longer verify (fail closed).
+            return _LEADER_EXITED.format(pid=pid) if _leader_exited(pid) else None
         return f"executable of pid {pid} can no longer be verified ({exc.strerror})"
     if pidfd.pidfd_pid(peer.pidfd) != pid:
         return None

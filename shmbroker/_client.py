@@ -13,7 +13,7 @@ from typing import Any
 from . import errors
 from ._layout import HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
-from ._sys import fdpass
+from ._sys import fdpass, memfd
 from ._sys.mapping import Mapping
 from ._wire import messages as m
 from ._wire.connection import CLOSED, NEED_DATA, Connection, Side
@@ -276,6 +276,23 @@ class ShmClient:
             link.close()
 
 
+def _check_seals(fd: int) -> None:
+    """A memfd must be sealed against resizing before we map it: otherwise
+    any peer holding it could truncate it and kill us with SIGBUS."""
+    if not memfd.is_memfd(fd):
+        return
+    try:
+        seals = memfd.get_seals(fd)
+    except OSError:
+        seals = 0
+    if seals & memfd.SIZE_SEALS != memfd.SIZE_SEALS:
+        raise errors.SegmentError(
+            "the broker sent a memfd segment that is not sealed against resizing "
+            "(F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL); a peer could truncate it and crash this "
+            "process with SIGBUS, so it was refused"
+        )
+
+
 def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
     """Check the fds the broker sent, map the segment, close every fd."""
     try:
@@ -299,6 +316,7 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
             )
         if st.st_size != length:
             raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
+        _check_seals(fd)
         mapping = Mapping(fd, length, writable=reply.role == "producer")
     finally:
         fdpass.close_all(fds)

@@ -21,7 +21,9 @@ from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
 from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
 
-BACKENDS = ("posix",)
+# posix: leased shm_open object (detects openers); memfd: sealed (stops
+# truncation).  The trade-off is in docs/attacks.md (A6).
+BACKENDS = ("posix", "memfd")
 
 _SIZE = re.compile(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -496,7 +496,7 @@ class Broker:
     def _new_segment(self, channel: Channel) -> Segment:
         try:
             segment = Segment.create(
-                channel.spec.size, channel.generation + 1,
+                channel.spec.size, channel.generation + 1, backend=channel.spec.backend,
                 on_lease_failure=lambda: self.events.count("lease_failures"),
             )
         except OSError as exc:
@@ -554,7 +554,24 @@ class Broker:
     def _check_leases(self) -> None:
         for channel in list(self.channels.values()):
             segment = channel.segment
-            if segment is None or segment.lease_intact():
+            if segment is None:
+                continue
+            if segment.truncated():
+                # A peer ftruncate()d an unsealable (posix) segment.  Wiping
+                # by pwrite restores the size, so peers that have not touched
+                # the mapping yet see a revoked segment instead of SIGBUS.
+                segment.wipe()
+                self.events.record(
+                    "segment_truncated",
+                    f"segment of channel {channel.name!r} (generation {segment.generation}) was truncated "
+                    "by a peer holding it; size restored, wiped and revoked (use backend = \"memfd\" to seal it)",
+                    channel=channel.name,
+                )
+                self.events.count("segments_wiped")
+                segment.close()
+                channel.segment = None
+                continue
+            if segment.lease_intact():
                 continue
             # Someone open()ed or truncated the unlinked object (root through
             # /proc/PID/fd/N).  Wipe before releasing the lease: the opener's

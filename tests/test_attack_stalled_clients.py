@@ -144,3 +144,34 @@ def test_a_stalled_attached_client_does_not_block_others(broker: Any) -> None:
         with ShmClient.attach(f"busy{i}", size=4096, socket_path=broker.socket):
             pass
     peer.close()
+
+
+def test_full_listen_backlog_gives_a_clean_timeout_not_an_oserror(broker: Any) -> None:
+    """With the broker stopped its backlog fills; clients wait until their
+    timeout and then get errors.Timeout (not a raw BlockingIOError)."""
+    import os
+    import signal
+    import socket
+
+    os.kill(broker.pid, signal.SIGSTOP)
+    fillers = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                s.connect(broker.socket)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+            assert len(fillers) < 10000
+        start = time.monotonic()
+        with pytest.raises(errors.Timeout, match="listen backlog is full"):
+            ShmClient.attach("backlog", size=4096, socket_path=broker.socket, timeout=0.5)
+        assert 0.3 < time.monotonic() - start < 3
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+        for s in fillers:
+            s.close()
+    with ShmClient.attach("backlog", size=4096, socket_path=broker.socket):
+        pass

@@ -12,6 +12,7 @@ import collections
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -50,6 +51,11 @@ RECV_SIZE = 64 * 1024
 # Accepts per loop iteration, so a connection storm cannot starve the
 # sessions that are already established.
 ACCEPT_BURST = 32
+# fds per connection (socket + pidfd) and spare ones for segments, the
+# listener, /proc reads and fds a hostile client sends before we close them
+# (up to SCM_MAX_FD at once).
+FDS_PER_CONNECTION = 2
+FD_HEADROOM = 512
 
 _ERROR_CODES: dict[type[ShmBrokerError], str] = {
     PermissionDenied: "permission_denied",
@@ -154,6 +160,7 @@ class Broker:
             # config key, option or environment variable reaches it); say so
             # loudly should it ever be set outside the test suite.
             log.warning("test seam auth.after_credentials_hook is set: this broker runs under a test harness")
+        _ensure_fd_headroom(FDS_PER_CONNECTION * self.limits.max_connections + FD_HEADROOM)
         sock = self.listener.adopt(self._adopted) if self._adopted else self.listener.open()
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
@@ -637,6 +644,25 @@ class Broker:
             "counters": dict(sorted(self.events.counters.items())),
             "security_events": [e.as_dict() for e in self.events.events],
         }
+
+
+def _ensure_fd_headroom(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (systemd's default
+    soft limit of 1024 would cap us near 500 connections), so the per-uid
+    and total connection caps, not EMFILE, are what a flood runs into."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "RLIMIT_NOFILE is %d but limits.max_connections needs about %d fds; raise the hard limit "
+            "(e.g. LimitNOFILE= in the unit) or lower max_connections", soft, wanted,
+        )
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -175,3 +175,49 @@ def test_full_listen_backlog_gives_a_clean_timeout_not_an_oserror(broker: Any) -
             s.close()
     with ShmClient.attach("backlog", size=4096, socket_path=broker.socket):
         pass
+
+
+def test_a_full_handshake_table_evicts_the_greediest_uid_first(broker_factory: Any, short_tmp: Path) -> None:
+    """Root has one slow handshake of its own; nobody fills every other slot.
+    A new root connection evicts one of nobody's, not root's older one."""
+    import os
+
+    from adversary import RawPeer as Peer
+    from helpers import NOBODY
+
+    slots = 4
+    config = policy_toml(uids=(0, NOBODY), socket_group=NOBODY,
+                         limits={"max_incomplete_connections": slots, "handshake_timeout": 20.0})
+    broker = broker_factory("--config", write_config(short_tmp, config))
+    mine = Peer(broker.socket)
+    mine.send(HELLO[:2])
+    time.sleep(0.2)  # older than all of nobody's
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            held = [Peer(broker.socket) for _ in range(slots - 1)]
+            for p in held:
+                p.send(HELLO[:2])
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        time.sleep(0.2)
+        with ShmClient.attach("fair", size=4096, socket_path=broker.socket):
+            pass
+        status = broker.status()
+        assert not mine.closed_by_broker(timeout=0.3), "root's own older handshake was evicted"
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        mine.close()
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+    assert status["counters"]["handshakes_evicted"] >= 1

@@ -253,3 +253,15 @@ def test_memfd_backend_is_reported_in_status(sm_broker: Any, backend: str) -> No
     with ShmClient.attach("ch", socket_path=sm_broker.socket):
         channels = {c["name"]: c for c in sm_broker.status()["channels"]}
     assert channels["ch"]["backend"] == backend
+
+
+def test_memfd_channel_carries_data_like_posix(broker_factory: Any, short_tmp: Path) -> None:
+    broker = _start(broker_factory, short_tmp, "memfd")
+    with ShmClient.attach("ch", socket_path=broker.socket) as producer, \
+            ShmClient.attach("ch", role="consumer", socket_path=broker.socket) as consumer:
+        producer.buf[: len(SECRET)] = SECRET
+        assert bytes(consumer.buf[: len(SECRET)]) == SECRET
+        assert consumer.buf.readonly
+    # Released when the last peer left: a new producer sees a fresh, zeroed segment.
+    with ShmClient.attach("ch", socket_path=broker.socket) as again:
+        assert again.generation == 2 and bytes(again.buf[: len(SECRET)]) == bytes(len(SECRET))

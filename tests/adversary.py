@@ -359,6 +359,8 @@ def start_broker_with(tmp: Path, prefix: list[str], *args: str, name: str = "run
     deadline = time.monotonic() + 15
     while "listening on" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
             raise RuntimeError(f"broker did not start:\n{log.read_text()}")
         time.sleep(0.02)
     return broker

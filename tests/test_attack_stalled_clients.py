@@ -221,3 +221,15 @@ def test_a_full_handshake_table_evicts_the_greediest_uid_first(broker_factory: A
         for fd in (ready_r, ready_w, done_r, done_w):
             os.close(fd)
     assert status["counters"]["handshakes_evicted"] >= 1
+
+
+def test_total_connection_cap(broker_factory: Any, short_tmp: Path) -> None:
+    broker = _broker(broker_factory, short_tmp, max_connections=3)
+    held = [ShmClient.attach("t", size=4096, socket_path=broker.socket) for _ in range(3)]
+    try:
+        with pytest.raises(errors.LimitExceeded, match=r"connection limit \(3\)"):
+            ShmClient.attach("t", socket_path=broker.socket)
+    finally:
+        for a in held:
+            a.close()
+    ShmClient.attach("t", size=4096, socket_path=broker.socket).close()

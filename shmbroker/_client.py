@@ -13,7 +13,7 @@ from typing import Any
 from . import errors
 from ._layout import HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
-from ._sys import fdpass
+from ._sys import fdpass, memfd
 from ._sys.mapping import Mapping
 from ._wire import messages as m
 from ._wire.connection import CLOSED, NEED_DATA, Connection, Side
@@ -24,6 +24,9 @@ MAX_REPLY_FRAME = 16 * 1024 * 1024
 # How long close() waits for the broker to confirm a detach.  Detach is a
 # courtesy (the broker also notices the socket closing), so keep it short.
 DETACH_TIMEOUT = 1.0
+# Back-off while the broker's listen backlog is full (exponential, capped).
+CONNECT_RETRY_MIN = 0.005
+CONNECT_RETRY_MAX = 0.1
 
 _ERRORS: dict[str, type[errors.ShmBrokerError]] = {
     "protocol": errors.ProtocolError,
@@ -50,8 +53,7 @@ class _Link:
         self.conn = Connection(Side.CLIENT, max_frame_size=MAX_REPLY_FRAME)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._arm()
-            self.sock.connect(path)
+            self._connect()
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
             raise errors.BrokerUnavailable(
@@ -67,6 +69,25 @@ class _Link:
         except BaseException:
             self.sock.close()
             raise
+
+    def _connect(self) -> None:
+        # A full listen backlog makes a non-blocking AF_UNIX connect() fail
+        # with EAGAIN (not EINPROGRESS), so Python's timeout mode raises at
+        # once; wait for room until the deadline like a blocking connect would.
+        pause = CONNECT_RETRY_MIN
+        while True:
+            self._arm()
+            try:
+                self.sock.connect(self.path)
+                return
+            except BlockingIOError:
+                if time.monotonic() + pause >= self.deadline:
+                    raise errors.Timeout(
+                        f"the broker at {self.path} is not accepting connections (its listen backlog is "
+                        "full: it is overloaded); try again later"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, CONNECT_RETRY_MAX)
 
     def _arm(self) -> None:
         remaining = self.deadline - time.monotonic()
@@ -286,6 +307,23 @@ class ShmClient:
             link.close()
 
 
+def _check_seals(fd: int) -> None:
+    """A memfd must be sealed against resizing before we map it: otherwise
+    any peer holding it could truncate it and kill us with SIGBUS."""
+    if not memfd.is_memfd(fd):
+        return
+    try:
+        seals = memfd.get_seals(fd)
+    except OSError:
+        seals = 0
+    if seals & memfd.SIZE_SEALS != memfd.SIZE_SEALS:
+        raise errors.SegmentError(
+            "the broker sent a memfd segment that is not sealed against resizing "
+            "(F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL); a peer could truncate it and crash this "
+            "process with SIGBUS, so it was refused"
+        )
+
+
 def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
     """Check the fds the broker sent, map the segment, close every fd."""
     try:
@@ -309,6 +347,7 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
             )
         if st.st_size != length:
             raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
+        _check_seals(fd)
         mapping = Mapping(fd, length, writable=reply.role == "producer")
     finally:
         fdpass.close_all(fds)

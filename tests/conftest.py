@@ -42,7 +42,12 @@ def start_broker(tmp: Path, *args: str, env: dict[str, str] | None = None, name:
         env={**os.environ, **(env or {})},
     )
     broker = BrokerProc(proc=proc, socket=str(sock), log=log)
-    broker.wait_ready()
+    try:
+        broker.wait_ready()
+    except BaseException:
+        proc.kill()  # never leave a broker behind when a test gives up on it
+        proc.wait()
+        raise
     return broker
 
 

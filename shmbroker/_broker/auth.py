@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 # Test seam for the "peer dies between getsockopt and /proc" race (issue A1):
 # called with the pid after the credentials were read.  Always None in
-# production; never set from configuration.
+# production: it is a plain module attribute that only Python code running
+# inside the broker process can set (tests fork the broker from the test
+# process, see tests/adversary.py); no config key, option or environment
+# variable reaches it, and the broker logs a warning at start if it is set.
 after_credentials_hook: Callable[[int], None] | None = None
 # Set by `serve --landlock`: a Landlock-restricted broker may not stat other
 # processes' /proc/PID/exe itself, so an unsandboxed helper does it.
@@ -58,17 +61,17 @@ class VerifiedPeer:
             self.pidfd = -1
 
 
-def _stat_exe(pid: int, pfd: int) -> tuple[int, int, str]:
+def _stat_exe(pid: int) -> tuple[int, int, str]:
     """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
     if exe_inspector is not None:
-        return exe_inspector.exe(pid, pfd)
+        return exe_inspector.exe(pid)
     st = os.stat(f"/proc/{pid}/exe")
     return st.st_dev, st.st_ino, _exe_path(pid)
 
 
-def _exe_identity(pid: int, pfd: int) -> tuple[tuple[int, int], str]:
+def _exe_identity(pid: int) -> tuple[tuple[int, int], str]:
     try:
-        dev, ino, path = _stat_exe(pid, pfd)
+        dev, ino, path = _stat_exe(pid)
     except InspectorError as exc:
         raise AuthError(f"peer pid {pid} cannot be verified: {exc.strerror}") from None
     except (PermissionError, OSError) as exc:
@@ -78,9 +81,26 @@ def _exe_identity(pid: int, pfd: int) -> tuple[tuple[int, int], str]:
                 "namespace) and the broker lacks CAP_SYS_PTRACE to verify it"
             ) from None
         if exc.errno == errno.ENOENT:
-            raise AuthError(f"peer pid {pid} exited before it could be verified") from None
+            if _leader_exited(pid):
+                raise AuthError(_LEADER_EXITED.format(pid=pid)) from None
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
         raise AuthError(f"cannot stat /proc/{pid}/exe: {exc.strerror}") from None
     return (dev, ino), path
+
+
+_LEADER_EXITED = (
+    "the main thread of pid {pid} has exited while other threads run on, so its executable "
+    "(/proc/{pid}/exe) cannot be verified; keep the main thread alive in processes that use the broker"
+)
+
+
+def _leader_exited(pid: int) -> bool:
+    """A zombie thread-group leader has no mm, hence no /proc/PID/exe, while
+    its other threads still run (pthread_exit() in main)."""
+    try:
+        return any(int(tid) != pid for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
 
 
 def _exe_path(pid: int) -> str:
@@ -113,7 +133,7 @@ def verify_peer(sock: socket.socket) -> VerifiedPeer:
         groups = peercred.peer_groups(sock)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
-        exe, exe_path = _exe_identity(pid, pfd)
+        exe, exe_path = _exe_identity(pid)
         # Only now do we know the stat above described the connecting process
         # (one check after the stat covers a peer that was already gone too).
         if pidfd.pidfd_pid(pfd) != pid:
@@ -135,12 +155,16 @@ def recheck(peer: VerifiedPeer) -> str | None:
     if peer.pidfd < 0:
         return None
     try:
-        dev, ino, now_path = _stat_exe(pid, peer.pidfd)
+        dev, ino, now_path = _stat_exe(pid)
         now = (dev, ino)
     except OSError as exc:
-        # ENOENT: a zombie has no mm, so no exe; it is exiting, not changing.
-        if exc.errno == errno.ENOENT or pidfd.pidfd_pid(peer.pidfd) != pid:
+        if pidfd.pidfd_pid(peer.pidfd) != pid:
             return None
+        if exc.errno == errno.ENOENT:
+            # A zombie has no mm, so no exe: it is exiting, not changing --
+            # unless threads live on without their leader, which we can no
+            # longer verify (fail closed).
+            return _LEADER_EXITED.format(pid=pid) if _leader_exited(pid) else None
         return f"executable of pid {pid} can no longer be verified ({exc.strerror})"
     if pidfd.pidfd_pid(peer.pidfd) != pid:
         return None

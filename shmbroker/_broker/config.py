@@ -21,7 +21,9 @@ from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
 from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
 
-BACKENDS = ("posix",)
+# posix: leased shm_open object (detects openers); memfd: sealed (stops
+# truncation).  The trade-off is in docs/attacks.md (A6).
+BACKENDS = ("posix", "memfd")
 # Liveness rules for [channels.NAME] wipe_when: "never" keeps the data while
 # anyone is attached; "producer_gone" wipes and revokes the segment as soon as
 # its last producer detaches or dies (a dead-man's switch for the secret).

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # flood of rejected connections cannot grow the broker's memory.
 MAX_KEPT_EVENTS = 256
 
-EVENT_KINDS = ("peer_rejected", "lease_broken", "identity_changed", "panic_wipe")
+EVENT_KINDS = ("peer_rejected", "lease_broken", "identity_changed", "panic_wipe", "segment_truncated")
 
 
 @dataclasses.dataclass(frozen=True)

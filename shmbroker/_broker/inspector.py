@@ -4,10 +4,17 @@ Once the broker is Landlock-restricted, the kernel denies it ptrace-mode
 access to every process outside its sandbox (Landlock's ptrace hook), so
 stat("/proc/PID/exe") fails with EACCES for every client and no peer could be
 verified.  Before restricting itself the broker forks this helper, which
-stays outside the sandbox and does exactly one thing: for a (pid, pidfd)
-pair sent over a SOCK_SEQPACKET socketpair (the pidfd via SCM_RIGHTS) it
-checks that the pidfd still names pid, stats and reads the exe link, checks
-the pidfd again, and answers (errno, st_dev, st_ino, path).
+stays outside the sandbox and does exactly one thing: for a pid sent over a
+SOCK_SEQPACKET socketpair it stats and reads /proc/PID/exe and answers
+(errno, st_dev, st_ino, path).
+
+It needs no pidfd: the broker checks its own pidfd of the peer *after* the
+answer arrives, and a pid cannot be reused while the process that holds it
+is alive, so a pidfd still naming PID then proves the stat described the
+peer (the same argument as in auth.py).  Passing no fds also keeps the
+broker's sends free of SCM_RIGHTS, whose in-flight accounting is charged per
+user: peers of the broker's own uid with fds queued on their sockets could
+otherwise make those sends fail (ETOOMANYREFS).
 
 It holds nothing else: every inherited fd is closed, it never sees segment
 fds, it dies with the broker (PR_SET_PDEATHSIG) and exits when its socket
@@ -25,7 +32,6 @@ import signal
 import socket
 import struct
 
-from .._sys import fdpass, pidfd
 from .._sys import prctl as sysprctl
 
 log = logging.getLogger(__name__)
@@ -65,10 +71,10 @@ class ExeInspector:
         log.info("exe inspector running as pid %d (it verifies /proc/PID/exe outside the Landlock sandbox)", pid)
         return cls(parent_sock, pid)
 
-    def exe(self, pid: int, pfd: int) -> tuple[int, int, str]:
+    def exe(self, pid: int) -> tuple[int, int, str]:
         """(st_dev, st_ino, path) of pid's executable; OSError as os.stat would raise."""
         try:
-            fdpass.send_with_fds(self.sock, _REQUEST.pack(pid), [pfd])
+            self.sock.send(_REQUEST.pack(pid))
             data = self.sock.recv(MAX_REPLY)
         except OSError as exc:
             raise InspectorError(errno.EIO, f"exe inspector unavailable ({exc.strerror or exc})") from None
@@ -107,30 +113,21 @@ def _serve(sock: socket.socket, parent: int, seccomp_mode: str | None) -> None: 
 
         seccomp.install(X86_64.values(), seccomp_mode)
     while True:
-        data, fds, _ = fdpass.recv_with_fds(sock, _REQUEST.size)
+        data = sock.recv(_REQUEST.size)
         if not data:
             return
-        try:
-            reply = _inspect(_REQUEST.unpack(data)[0] if len(data) == _REQUEST.size else -1, fds)
-        finally:
-            fdpass.close_all(fds)
-        sock.send(reply)
+        sock.send(_inspect(_REQUEST.unpack(data)[0] if len(data) == _REQUEST.size else -1))
 
 
-def _inspect(pid: int, fds: list[int]) -> bytes:  # pragma: no cover - child process
-    if pid <= 0 or len(fds) != 1:
+def _inspect(pid: int) -> bytes:  # pragma: no cover - child process
+    if pid <= 0:
         return _REPLY.pack(errno.EINVAL, 0, 0)
-    pfd = fds[0]
     try:
-        if pidfd.pidfd_pid(pfd) != pid:
-            return _REPLY.pack(errno.ESRCH, 0, 0)
         st = os.stat(f"/proc/{pid}/exe")
         try:
             path = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             path = "?"
-        if pidfd.pidfd_pid(pfd) != pid:
-            return _REPLY.pack(errno.ESRCH, 0, 0)
     except OSError as exc:
         return _REPLY.pack(exc.errno or errno.EIO, 0, 0)
     return _REPLY.pack(0, st.st_dev, st.st_ino) + path.encode(errors="surrogateescape")[:4096]

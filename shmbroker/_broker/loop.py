@@ -12,6 +12,7 @@ import collections
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -34,6 +35,7 @@ from ..errors import (
     ProtocolError,
     ShmBrokerError,
 )
+from . import auth
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
 from .config import BrokerConfig, ChannelSpec
 from .events import EventLog
@@ -50,6 +52,11 @@ RECV_SIZE = 64 * 1024
 # Accepts per loop iteration, so a connection storm cannot starve the
 # sessions that are already established.
 ACCEPT_BURST = 32
+# fds per connection (socket + pidfd) and spare ones for segments, the
+# listener, /proc reads and fds a hostile client sends before we close them
+# (up to SCM_MAX_FD at once).
+FDS_PER_CONNECTION = 2
+FD_HEADROOM = 512
 
 _ERROR_CODES: dict[type[ShmBrokerError], str] = {
     PermissionDenied: "permission_denied",
@@ -154,6 +161,12 @@ class Broker:
         self._old_wakeup = signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGIO, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             self._old_handlers[signum] = signal.signal(signum, _note_signal)
+        if auth.after_credentials_hook is not None:
+            # Only Python code in this very process can set the seam (no
+            # config key, option or environment variable reaches it); say so
+            # loudly should it ever be set outside the test suite.
+            log.warning("test seam auth.after_credentials_hook is set: this broker runs under a test harness")
+        _ensure_fd_headroom(FDS_PER_CONNECTION * self.limits.max_connections + FD_HEADROOM)
         sock = self.listener.adopt(self._adopted) if self._adopted else self.listener.open()
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
@@ -229,12 +242,8 @@ class Broker:
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
-        incomplete = sum(1 for s in self.sessions.values() if s.deadline is not None)
         if len(self.sessions) >= self.limits.max_connections:
             self._refuse(sock, m.Error("limit", f"broker is at its connection limit ({self.limits.max_connections}); try again later"))
-            return
-        if incomplete >= self.limits.max_incomplete_connections:
-            self._refuse(sock, m.Error("limit", "too many connections are still in their handshake; try again later"))
             return
         try:
             peer = verify_peer(sock)
@@ -262,12 +271,36 @@ class Broker:
             peer.close()
             self._refuse(sock, m.Error("limit", f"uid {identity.uid} already has {per_uid} connections (limit {self.limits.max_connections_per_uid})"))
             return
+        self._make_room_for_handshake()
         conn = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size, max_pending_frames=self.limits.max_pending_frames)
         session = Session(sock, peer, conn, time.monotonic() + self.limits.handshake_timeout)
         self.sessions[sock.fileno()] = session
         self.selector.register(sock, selectors.EVENT_READ, self._on_session)
         self.events.count("peers_verified")
         log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
+
+    def _make_room_for_handshake(self) -> None:
+        """Keep at most max_incomplete_connections handshakes in flight.
+
+        Refusing newcomers once the table is full (dbus-daemon) lets a
+        slowloris that holds every slot lock everyone out until its
+        deadlines expire.  Like OpenSSH's MaxStartups we drop early instead,
+        but we drop the *oldest* handshake of the uid holding the most
+        slots: a verified newcomer always gets in, and its hello+attach,
+        usually already queued, completes on the next loop iteration.
+        """
+        incomplete = [s for s in self.sessions.values() if s.deadline is not None]
+        while len(incomplete) >= self.limits.max_incomplete_connections:
+            per_uid = collections.Counter(s.uid for s in incomplete)
+            greediest = max(per_uid, key=lambda uid: per_uid[uid])
+            victim = min((s for s in incomplete if s.uid == greediest), key=lambda s: s.deadline or 0.0)
+            incomplete.remove(victim)
+            self.events.count("handshakes_evicted")
+            log.info(
+                "%d handshakes in flight (max_incomplete_connections); dropped the oldest one, pid %d of uid %d",
+                len(incomplete) + 1, victim.peer.identity.pid, victim.uid,
+            )
+            self._fail(victim, m.Error("limit", "too many connections are still in their handshake; dropped the oldest"))
 
     def _reject(self, sock: socket.socket, reason: str, pid: int | None, uid: int | None) -> None:
         if pid is None:
@@ -480,7 +513,7 @@ class Broker:
     def _new_segment(self, channel: Channel) -> Segment:
         try:
             segment = Segment.create(
-                channel.spec.size, channel.generation + 1,
+                channel.spec.size, channel.generation + 1, backend=channel.spec.backend,
                 on_lease_failure=lambda: self.events.count("lease_failures"),
             )
         except OSError as exc:
@@ -551,7 +584,24 @@ class Broker:
     def _check_leases(self) -> None:
         for channel in list(self.channels.values()):
             segment = channel.segment
-            if segment is None or segment.lease_intact():
+            if segment is None:
+                continue
+            if segment.truncated():
+                # A peer ftruncate()d an unsealable (posix) segment.  Wiping
+                # by pwrite restores the size, so peers that have not touched
+                # the mapping yet see a revoked segment instead of SIGBUS.
+                segment.wipe()
+                self.events.record(
+                    "segment_truncated",
+                    f"segment of channel {channel.name!r} (generation {segment.generation}) was truncated "
+                    "by a peer holding it; size restored, wiped and revoked (use backend = \"memfd\" to seal it)",
+                    channel=channel.name,
+                )
+                self.events.count("segments_wiped")
+                segment.close()
+                channel.segment = None
+                continue
+            if segment.lease_intact():
                 continue
             # Someone open()ed or truncated the unlinked object (root through
             # /proc/PID/fd/N).  Wipe before releasing the lease: the opener's
@@ -617,6 +667,25 @@ class Broker:
             "counters": dict(sorted(self.events.counters.items())),
             "security_events": [e.as_dict() for e in self.events.events],
         }
+
+
+def _ensure_fd_headroom(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (systemd's default
+    soft limit of 1024 would cap us near 500 connections), so the per-uid
+    and total connection caps, not EMFILE, are what a flood runs into."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "RLIMIT_NOFILE is %d but limits.max_connections needs about %d fds; raise the hard limit "
+            "(e.g. LimitNOFILE= in the unit) or lower max_connections", soft, wanted,
+        )
 
 
 def _note_signal(signum: int, frame: object) -> None:

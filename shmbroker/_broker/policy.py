@@ -52,18 +52,33 @@ class Principals:
 
 @dataclasses.dataclass(frozen=True)
 class Executables:
-    """Allowed executables, resolved to (st_dev, st_ino) when the policy loaded."""
+    """Allowed executables, resolved to (st_dev, st_ino) when the policy loaded.
+
+    Each one is pinned with an O_PATH fd for the broker's lifetime: once an
+    allowed binary is deleted (a package upgrade), a free inode number is
+    soon reused by some new file, which would then match.  A pinned inode
+    cannot be reused.
+    """
 
     ids: frozenset[tuple[int, int]]
     paths: tuple[str, ...]
+    pins: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_paths(cls, paths: list[str]) -> Executables:
         ids = set()
-        for path in paths:
-            st = os.stat(path)
-            ids.add((st.st_dev, st.st_ino))
-        return cls(frozenset(ids), tuple(paths))
+        pins = []
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                pins.append(fd)
+                st = os.fstat(fd)
+                ids.add((st.st_dev, st.st_ino))
+        except BaseException:
+            for fd in pins:
+                os.close(fd)
+            raise
+        return cls(frozenset(ids), tuple(paths), tuple(pins))
 
     def matches(self, identity: Identity) -> bool:
         return identity.exe in self.ids

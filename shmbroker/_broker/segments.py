@@ -12,6 +12,19 @@ holding the fd could ftruncate the object and the next access would SIGBUS
 the whole broker, which Python cannot recover from.  pwrite(2) on a short
 file merely extends it, so all broker-side writes (header, wipes) go through
 the fd.
+
+Two backends (docs/attacks.md, A6):
+* ``posix``: the object above.  Its lease detects anyone who open()s it
+  (/proc/PID/fd), but shm objects cannot be sealed: a producer holding the
+  fd can ftruncate() it (ftruncate on an fd does not break a lease) and
+  every other peer touching the mapping then dies of SIGBUS.  The broker
+  notices on its next tick (:meth:`Segment.truncated`), wipes (which
+  restores the size) and revokes; the window until then remains.
+* ``memfd``: memfd_create + F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, so nobody
+  can change its size and no peer can SIGBUS another; clients refuse a
+  memfd without those seals.  A memfd cannot take a lease, so an open of
+  /proc/PID/fd/N by root (or a ptrace-capable same-uid process) goes
+  unnoticed.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import secrets
 from collections.abc import Callable
 
 from .._layout import REVOKED, REVOKED_OFFSET, Header, segment_length
-from .._sys import lease, shm
+from .._sys import lease, memfd, shm
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +53,24 @@ class LeaseUnavailable(Exception):
 class Segment:
     """One shared-memory object owned by the broker."""
 
-    def __init__(self, fd: int, size: int, generation: int, flags: int = 0) -> None:
+    def __init__(self, fd: int, size: int, generation: int, flags: int = 0, backend: str = "posix") -> None:
         self.fd = fd
         self.size = size
         self.length = segment_length(size)
         self.generation = generation
         self.flags = flags
+        self.backend = backend
         self.revoked = False
 
     @classmethod
     def create(
-        cls, size: int, generation: int, *, on_lease_failure: Callable[[], None] | None = None
+        cls, size: int, generation: int, *, backend: str = "posix",
+        on_lease_failure: Callable[[], None] | None = None,
     ) -> Segment:
+        if backend == "memfd":
+            return cls._create_memfd(size, generation)
+        if backend != "posix":
+            raise ValueError(f"unknown segment backend {backend!r}")
         for _ in range(MAX_CREATE_ATTEMPTS):
             name = "/shmbroker-" + secrets.token_hex(16)
             try:
@@ -82,15 +101,40 @@ class Segment:
             return segment
         raise OSError("could not create a private segment after several attempts (see warnings above)")
 
+    @classmethod
+    def _create_memfd(cls, size: int, generation: int) -> Segment:
+        fd = memfd.memfd_create("shmbroker")
+        segment = cls(fd, size, generation, backend="memfd")
+        try:
+            # Mode 0 like the posix objects: nobody may open it by path, and
+            # clients check the mode the same way for both backends.
+            os.fchmod(fd, 0)
+            os.ftruncate(fd, segment.length)
+            segment._write_header()
+            memfd.add_seals(fd, memfd.SIZE_SEALS)
+        except BaseException:
+            segment.close()
+            raise
+        return segment
+
     def _write_header(self) -> None:
         header = Header(size=self.size, generation=self.generation, flags=self.flags, revoked=self.revoked)
         os.pwrite(self.fd, header.pack(), 0)
 
     def lease_intact(self) -> bool:
+        if self.backend == "memfd":
+            return True  # memfds cannot be leased; their seals are the defence
         try:
             return lease.holds_write_lease(self.fd)
         except OSError:
             return False
+
+    def truncated(self) -> bool:
+        """A peer changed the object's size (only possible without seals)."""
+        try:
+            return os.fstat(self.fd).st_size != self.length
+        except OSError:
+            return True
 
     def wipe(self) -> None:
         """Zero every byte (header included), then set the revoked word."""
@@ -104,9 +148,10 @@ class Segment:
     def close(self) -> None:
         if self.fd < 0:
             return
-        try:
-            lease.release_lease(self.fd)
-        except OSError:
-            pass
+        if self.backend == "posix":
+            try:
+                lease.release_lease(self.fd)
+            except OSError:
+                pass
         os.close(self.fd)
         self.fd = -1

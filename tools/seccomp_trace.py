@@ -68,6 +68,7 @@ def trace(workdir: Path) -> str:
     config = workdir / "broker.toml"
     config.write_text(
         f'[channels.live]\nsize = "64KiB"\nwipe_when = "producer_gone"\n\n'
+        f'[channels.sealed]\nsize = "64KiB"\nbackend = "memfd"\n\n'
         f"[[rules]]\nuids = [{os.getuid()}]\ncreate = true\n\n[status]\nuids = [{os.getuid()}]\n"
     )
     out = workdir / "strace.out"
@@ -133,6 +134,8 @@ def _exercise(sock: str, proc: subprocess.Popen[bytes]) -> int:
             p.buf[:4] = b"ping"
             assert bytes(c.buf[:4]) == b"ping"
             ShmClient.status(socket_path=sock)
+    with ShmClient.attach("sealed", "producer", socket_path=sock) as p:
+        p.buf[:4] = b"seal"
     consumer = ShmClient.attach("live", "consumer", socket_path=sock)
     producer = ShmClient.attach("live", "producer", socket_path=sock)
     producer.close()  # liveness wipe

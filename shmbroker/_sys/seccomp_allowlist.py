@@ -15,6 +15,7 @@ X86_64: dict[str, int] = {
     "epoll_wait": 232,
     "exit": 60,  # margin
     "exit_group": 231,
+    "fchmod": 91,
     "fcntl": 72,
     "fstat": 5,  # margin
     "ftruncate": 77,
@@ -28,9 +29,9 @@ X86_64: dict[str, int] = {
     "gettid": 186,  # margin
     "getuid": 102,
     "ioctl": 16,
-    "lseek": 8,
+    "lseek": 8,  # margin
     "madvise": 28,  # margin
-    "memfd_create": 319,  # margin
+    "memfd_create": 319,
     "mmap": 9,  # margin
     "mprotect": 10,  # margin
     "mremap": 25,  # margin

@@ -37,7 +37,7 @@ class Sender:
         eventfd.signal(self._consumer_fds[slot])
 
     def _set_waiting(self, value: int) -> None:
-        L.U64.pack_into(self.ring._ctrl, L.OFF_PRODUCER_WAITING, value)
+        self.ring._cw[L.OFF_PRODUCER_WAITING >> 3] = value  # one aligned store (see ring.py)
 
     def _progress(self) -> Any:
         ring = self.ring

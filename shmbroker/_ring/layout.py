@@ -29,6 +29,7 @@ publishes a PAD record that covers the rest of the area.
 from __future__ import annotations
 
 import struct
+import sys
 
 from ..limits import PAGE_SIZE
 
@@ -124,3 +125,9 @@ def default_max_message(payload_size: int, requested: int | None) -> int:
         return requested
     quarter = (data_size_for(payload_size) // 4 - RECORD_HEADER) & ~(ALIGN - 1)
     return max(1, min(DEFAULT_MAX_MESSAGE, quarter))
+
+
+# Peers access shared words as native u64 items (see ring.py), which equal
+# the little-endian layout only on little-endian hosts.
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("shmbroker's message ring supports little-endian hosts only")

@@ -21,15 +21,19 @@ from .. import errors
 from .._layout import REVOKED_OFFSET
 from . import layout as L
 
-_U64_pack = L.U64.pack_into
-_U64_unpack = L.U64.unpack_from
 _REC_pack = L.RECORD.pack_into
 _REC_unpack = L.RECORD.unpack_from
+_REVOKED = REVOKED_OFFSET // 8
 _KIND_MSG = L.KIND_MSG
 _KIND_PAD = L.KIND_PAD
-_OFF_WRITE = L.OFF_WRITE
+# Word indices into the control page viewed as native u64 (little-endian
+# hosts only, see layout.py).
+_W_WRITE = L.OFF_WRITE // 8
+_W_LOW = L.OFF_LOW // 8
+_W_MEMBERS = L.OFF_MEMBERS // 8
+_W_SLEEPING = L.OFF_SLEEPING // 8
+_W_PRODUCER_WAITING = L.OFF_PRODUCER_WAITING // 8
 _OFF_SLEEPING = L.OFF_SLEEPING
-_OFF_PRODUCER_WAITING = L.OFF_PRODUCER_WAITING
 # Indices are byte counts; 2**62 bytes is 146 years at 1 TB/s, so a larger
 # value can only come from corruption.
 MAX_INDEX = 2**62
@@ -63,12 +67,19 @@ class _Base:
         self._ctrl = payload[: L.CONTROL_SIZE]
         self._data = payload[L.DATA_OFFSET : L.DATA_OFFSET + data_size]
         self._header = header
+        # Shared words are read and written as items of a 'Q' memoryview:
+        # CPython copies such an item with one 8-byte memcpy, a single aligned
+        # load or store.  struct.pack_into is NOT usable for publishing: it
+        # memset()s the field to zero before writing it, so a concurrent
+        # reader can see 0 (observed here as a write index of 0 mid-stream).
+        self._cw = self._ctrl.cast("Q")
+        self._hw = header[: L.CONTROL_SIZE].cast("Q")
 
     def revoked(self) -> bool:
-        return _U64_unpack(self._header, REVOKED_OFFSET)[0] != 0
+        return self._hw[_REVOKED] != 0
 
     def check(self) -> None:
-        if _U64_unpack(self._header, REVOKED_OFFSET)[0]:
+        if self._hw[_REVOKED]:
             raise errors.ChannelRevoked(
                 f"channel {self.name!r} was revoked by the broker; attach again for a fresh segment"
             )
@@ -78,7 +89,7 @@ class _Base:
         return errors.SegmentError(f"the ring of channel {self.name!r} is corrupt ({what}); detach and attach again")
 
     def release(self) -> None:
-        for view in (self._ctrl, self._data):
+        for view in (self._cw, self._hw, self._ctrl, self._data):
             try:
                 view.release()
             except BufferError:
@@ -94,8 +105,8 @@ class RingProducer(_Base):
         # A previous producer may have published messages nobody consumed;
         # continue after them.  The stored index is only a hint (consumers
         # can write the control page), so validate it like any other.
-        w = _U64_unpack(self._ctrl, _OFF_WRITE)[0]
-        low = _U64_unpack(self._ctrl, L.OFF_LOW)[0]
+        w = self._cw[_W_WRITE]
+        low = self._cw[_W_LOW]
         if w % L.ALIGN or w >= MAX_INDEX or low > w or w - low > self.data_size or low % L.ALIGN:
             raise self.corrupt(f"write index {w}, low {low}")
         self._w = w
@@ -116,22 +127,22 @@ class RingProducer(_Base):
         consumer) and one too far behind means "full" (the documented
         slow-consumer policy: we wait for the slowest live consumer).
         """
-        ctrl = self._ctrl
+        cw = self._cw
         w = self._w
         size = self.data_size
-        members = _U64_unpack(ctrl, L.OFF_MEMBERS)[0]
+        members = cw[_W_MEMBERS]
         low = None
         if members:
             floor = w - size if w > size else 0
             for slot in range(L.MAX_CONSUMERS):
                 if (members >> (8 * slot)) & 0xFF:
-                    r = _U64_unpack(ctrl, L.slot_offset(slot))[0]
+                    r = cw[L.slot_offset(slot) >> 3]
                     r = floor if r < floor else (w if r > w else r)
                     if low is None or r < low:
                         low = r
         if low is not None and low > self._low:
             self._low = low
-            _U64_pack(ctrl, L.OFF_LOW, low)
+            cw[_W_LOW] = low
         # No consumer: keep what was published for the first one to join,
         # and block when that fills the ring (never drop silently).
         self._limit = self._low + size
@@ -151,6 +162,9 @@ class RingProducer(_Base):
                 return -1
             _REC_pack(self._data, pos, pad - L.RECORD_HEADER, _KIND_PAD)
             self._publish(w + pad)
+            # Wake sleepers even for a PAD: we may now wait for them to step
+            # over it, and they would otherwise sleep with it unread.
+            self.after_publish()
             w += pad
             pos = 0
         if w + rec > self._limit and w + rec > self.rescan():
@@ -158,7 +172,7 @@ class RingProducer(_Base):
         return pos
 
     def _publish(self, w: int) -> None:
-        _U64_pack(self._ctrl, _OFF_WRITE, w)  # the one store that makes records visible
+        self._cw[_W_WRITE] = w  # the one store that makes records visible
         self._w = w
 
     def after_publish(self) -> None:
@@ -166,7 +180,7 @@ class RingProducer(_Base):
         before we look at their flags (they store the flag, fence, re-check)."""
         _fence_acquire()
         _fence_release()
-        sleeping = _U64_unpack(self._ctrl, _OFF_SLEEPING)[0]
+        sleeping = self._cw[_W_SLEEPING]
         if sleeping and self._wake is not None:
             for slot in range(L.MAX_CONSUMERS):
                 if (sleeping >> (8 * slot)) & 0xFF:
@@ -174,7 +188,7 @@ class RingProducer(_Base):
 
     def try_send(self, data: bytes | bytearray | memoryview) -> bool:
         """Copy one message in and publish it; False if the ring is full."""
-        if _U64_unpack(self._header, REVOKED_OFFSET)[0]:
+        if self._hw[_REVOKED]:
             self.check()
         n = len(data) if type(data) is bytes else memoryview(data).nbytes
         if n > self.max_message:
@@ -192,7 +206,7 @@ class RingProducer(_Base):
         data_area = self._data
         _REC_pack(data_area, pos, n, _KIND_MSG)
         data_area[pos + 8 : pos + 8 + n] = data if type(data) is bytes else memoryview(data).cast("B")
-        _U64_pack(self._ctrl, _OFF_WRITE, end)
+        self._cw[_W_WRITE] = end
         self._w = end
         self.after_publish()
         return True
@@ -270,7 +284,7 @@ class RingConsumer(_Base):
         self.slot = slot
         self._slot_off = L.slot_offset(slot)
         self._sleep_off = _OFF_SLEEPING + slot
-        r = _U64_unpack(self._ctrl, self._slot_off)[0]
+        r = self._cw[self._slot_off >> 3]
         if r % L.ALIGN or r >= MAX_INDEX:
             raise self.corrupt(f"read index {r}")
         self._r = r
@@ -279,7 +293,7 @@ class RingConsumer(_Base):
 
     def _load_write(self) -> int:
         """Load and validate the producer's write index (untrusted, maybe wiped)."""
-        w = _U64_unpack(self._ctrl, _OFF_WRITE)[0]
+        w = self._cw[_W_WRITE]
         r = self._r
         if w < r or w - r > self.data_size or w % L.ALIGN:
             raise self.corrupt(f"write index {w} with read index {r}")
@@ -296,7 +310,7 @@ class RingConsumer(_Base):
         while True:
             r = self._r
             if r == self._wc and r == self._load_write():
-                if _U64_unpack(self._header, REVOKED_OFFSET)[0]:
+                if self._hw[_REVOKED]:
                     self.check()
                 return -1, 0
             pos = r % size
@@ -321,12 +335,12 @@ class RingConsumer(_Base):
         self._r += L.RECORD_HEADER + ((n + 7) & ~7)
 
     def publish_cursor(self) -> None:
-        ctrl = self._ctrl
-        _U64_pack(ctrl, self._slot_off, self._r)
+        cw = self._cw
+        cw[self._slot_off >> 3] = self._r
         # Store-then-load handshake with a producer that sleeps while full.
         _fence_acquire()
         _fence_release()
-        if _U64_unpack(ctrl, _OFF_PRODUCER_WAITING)[0] and self._wake_producer is not None:
+        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
 
     def try_recv(self) -> bytes | None:
@@ -336,7 +350,7 @@ class RingConsumer(_Base):
         out = bytes(self._data[pos : pos + n])
         # Copy first, then check: a wipe sets the revoked word before it
         # zeroes anything, so a copy that raced with a wipe is never returned.
-        if _U64_unpack(self._header, REVOKED_OFFSET)[0]:
+        if self._hw[_REVOKED]:
             self.check()
         self.consume(n)
         return out

@@ -172,6 +172,8 @@ class RingProducer(_Base):
         return pos
 
     def _publish(self, w: int) -> None:
+        if w < self._w:  # consumers treat a shrinking index as corruption
+            raise AssertionError(f"write index would go back from {self._w} to {w}")
         self._cw[_W_WRITE] = w  # the one store that makes records visible
         self._w = w
 
@@ -232,15 +234,15 @@ class RingProducer(_Base):
                 if w != self._w:
                     self._publish(w)
                 pos = self._room(n)
+                w = self._w  # _room may have published a PAD: never go back before it
                 if pos < 0:
                     break
-                w = self._w
                 end = w + L.RECORD_HEADER + ((n + 7) & ~7)
             _REC_pack(data_area, pos, n, _KIND_MSG)
             data_area[pos + 8 : pos + 8 + n] = view
             w = end
             count += 1
-        if w != self._w:
+        if w > self._w:
             self._publish(w)
         if self._w != w0:
             self.after_publish()
@@ -322,6 +324,9 @@ class RingConsumer(_Base):
                 return pos + L.RECORD_HEADER, n
             if kind == _KIND_PAD and n == size - pos - L.RECORD_HEADER and r + size - pos <= self._wc:
                 self._r = r + size - pos
+                # Publish now: the producer may be waiting for exactly this
+                # step (a record that fits only after the PAD is consumed).
+                self.publish_cursor()
                 continue
             raise self.corrupt(f"record kind {kind} at index {r}")
 

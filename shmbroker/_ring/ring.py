@@ -208,9 +208,14 @@ class RingProducer(_Base):
         data_area = self._data
         _REC_pack(data_area, pos, n, _KIND_MSG)
         data_area[pos + 8 : pos + 8 + n] = data if type(data) is bytes else memoryview(data).cast("B")
-        self._cw[_W_WRITE] = end
+        cw = self._cw
+        cw[_W_WRITE] = end
         self._w = end
-        self.after_publish()
+        # after_publish(), inlined: this is the hot path.
+        _fence_acquire()
+        _fence_release()
+        if cw[_W_SLEEPING] and self._wake is not None:
+            self.after_publish()
         return True
 
     def try_send_many(self, items: list[bytes | bytearray | memoryview], start: int) -> int:
@@ -285,6 +290,7 @@ class RingConsumer(_Base):
             raise errors.SegmentError(f"consumer slot {slot} of channel {name!r} is out of range")
         self.slot = slot
         self._slot_off = L.slot_offset(slot)
+        self._slot_word = self._slot_off >> 3
         self._sleep_off = _OFF_SLEEPING + slot
         r = self._cw[self._slot_off >> 3]
         if r % L.ALIGN or r >= MAX_INDEX:
@@ -349,15 +355,34 @@ class RingConsumer(_Base):
             self._wake_producer()
 
     def try_recv(self) -> bytes | None:
-        pos, n = self.next_record()
-        if pos < 0:
-            return None
+        r = self._r
+        if r != self._wc:
+            # Fast path (inlined next_record for an ordinary record).
+            pos = r % self.data_size
+            n, kind = _REC_unpack(self._data, pos)
+            end = r + L.RECORD_HEADER + ((n + 7) & ~7)
+            if kind != _KIND_MSG or n > self.max_message or pos + (end - r) > self.data_size or end > self._wc:
+                pos, n = self.next_record()  # PADs, and errors with a clear message
+                if pos < 0:
+                    return None
+            else:
+                pos += L.RECORD_HEADER
+        else:
+            pos, n = self.next_record()
+            if pos < 0:
+                return None
         out = bytes(self._data[pos : pos + n])
         # Copy first, then check: a wipe sets the revoked word before it
         # zeroes anything, so a copy that raced with a wipe is never returned.
         if self._hw[_REVOKED]:
             self.check()
-        self.consume(n)
+        self._r = r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
+        cw = self._cw
+        cw[self._slot_word] = r
+        _fence_acquire()
+        _fence_release()
+        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
+            self._wake_producer()
         return out
 
     def view(self, pos: int, n: int) -> memoryview:

@@ -268,3 +268,17 @@ def test_one_event_loop_consumes_two_channels(broker: Any) -> None:
 
         with pytest.raises(errors.Empty):
             asyncio.run(empty())
+
+
+def test_async_example_runs(broker: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "async_consumer.py"
+    out = subprocess.run([sys.executable, str(example), "--socket", broker.socket], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("sensors", "commands"):
+        assert [line for line in out.stdout.splitlines() if line.startswith(f"[{name}]")] == [
+            f"[{name}] {name} #{i}" for i in range(5)
+        ]

@@ -187,6 +187,7 @@ class Attachment(RingMethods):
             else:
                 assert reply.slot is not None
                 self._ring = Receiver(payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1])
+            self._bind_ring_fast_paths()
 
     @property
     def closed(self) -> bool:
@@ -221,6 +222,7 @@ class Attachment(RingMethods):
         finally:
             link.close()
             if self._ring is not None:
+                self._unbind_ring_fast_paths()
                 self._ring.close()
             fdpass.close_all(self._ring_fds)
             self._ring_fds = []

@@ -225,24 +225,31 @@ class RingProducer(_Base):
         size = self.data_size
         w0 = w = self._w
         count = 0
-        for item in items[start:]:
-            view = memoryview(item).cast("B")
-            n = view.nbytes
-            if n > self.max_message:
+        max_message = self.max_message
+        limit = self._limit
+        for i in range(start, len(items)):
+            view = items[i]
+            if type(view) is bytes:
+                n = len(view)
+            else:
+                view = memoryview(view).cast("B")
+                n = view.nbytes
+            if n > max_message:
                 if w != w0:
                     self._publish(w)
                     self.after_publish()
                 raise self.too_large(n)
             pos = w % size
-            end = w + L.RECORD_HEADER + ((n + 7) & ~7)
-            if end > self._limit or pos + (end - w) > size:
+            end = w + 8 + ((n + 7) & ~7)
+            if end > limit or pos + (end - w) > size:
                 if w != self._w:
                     self._publish(w)
                 pos = self._room(n)
                 w = self._w  # _room may have published a PAD: never go back before it
+                limit = self._limit
                 if pos < 0:
                     break
-                end = w + L.RECORD_HEADER + ((n + 7) & ~7)
+                end = w + 8 + ((n + 7) & ~7)
             _REC_pack(data_area, pos, n, _KIND_MSG)
             data_area[pos + 8 : pos + 8 + n] = view
             w = end
@@ -383,6 +390,40 @@ class RingConsumer(_Base):
         _fence_release()
         if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
+        return out
+
+    def try_recv_many(self, max_count: int) -> list[bytes]:
+        """Up to max_count messages (possibly none) with one cursor store and one fence."""
+        out: list[bytes] = []
+        data = self._data
+        size = self.data_size
+        max_message = self.max_message
+        append = out.append
+        r = self._r
+        wc = self._wc if r != self._wc else self._load_write()
+        while len(out) < max_count:
+            if r == wc:
+                break
+            pos = r % size
+            n, kind = _REC_unpack(data, pos)
+            end = r + L.RECORD_HEADER + ((n + 7) & ~7)
+            if kind != _KIND_MSG or n > max_message or pos + (end - r) > size or end > wc:
+                self._r = r  # let next_record() skip a PAD or raise with a clear message
+                pos, n = self.next_record()
+                if pos < 0:
+                    break
+                r = self._r
+                wc = self._wc
+                end = r + L.RECORD_HEADER + ((n + 7) & ~7)
+                append(bytes(data[pos : pos + n]))
+            else:
+                append(bytes(data[pos + 8 : pos + 8 + n]))
+            r = end
+        if self._hw[_REVOKED]:
+            self.check()
+        if r != self._r or out:
+            self._r = r
+            self.publish_cursor()
         return out
 
     def view(self, pos: int, n: int) -> memoryview:

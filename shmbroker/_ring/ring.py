@@ -348,10 +348,6 @@ class RingConsumer(_Base):
         self._r += L.RECORD_HEADER + ((n + 7) & ~7)
         self.publish_cursor()
 
-    def skip(self, n: int) -> None:
-        """Advance locally without publishing (batching); call publish_cursor() after."""
-        self._r += L.RECORD_HEADER + ((n + 7) & ~7)
-
     def publish_cursor(self) -> None:
         cw = self._cw
         cw[self._slot_off >> 3] = self._r

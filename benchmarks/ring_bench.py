@@ -126,8 +126,10 @@ def memcpy_ceiling(size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def ring_rtt(sock: str, size: int, rounds: int) -> tuple[float, float]:
-    ping, pong = f"ping-{size}", f"pong-{size}"
+def ring_rtt(sock: str, size: int, rounds: int, gap: float = 0.0) -> tuple[float, float]:
+    """Round trip p50/p99 in us; with ``gap`` seconds between rounds both sides
+    are asleep in poll(2) when a message arrives, so it includes two wake-ups."""
+    ping, pong = f"ping-{size}-{gap}", f"pong-{size}-{gap}"
     ring_size = max(8 * MiB, 4 * size)
     p = ShmClient.attach(ping, "producer", socket_path=sock, size=ring_size, ring=True, max_message=size)
     ready_r, ready_w = os.pipe()
@@ -147,6 +149,8 @@ def ring_rtt(sock: str, size: int, rounds: int) -> tuple[float, float]:
     msg = os.urandom(size)
     samples = []
     for _ in range(rounds):
+        if gap:
+            time.sleep(gap)
         t0 = time.perf_counter()
         p.send(msg)
         c.recv()
@@ -203,7 +207,7 @@ def main() -> None:
     try:
         print(f"# {cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}")
         print(f"{'size':>7} {'ring msg/s':>11} {'ring MB/s':>10} {'batch msg/s':>12} {'pipe msg/s':>11} "
-              f"{'pipe MB/s':>10} {'memcpy MB/s':>12} {'ring/pipe':>9} {'ring/memcpy':>11} {'rtt p50 us':>10} {'rtt p99 us':>10}")
+              f"{'pipe MB/s':>10} {'memcpy MB/s':>12} {'ring/pipe':>9} {'ring/memcpy':>11} {'rtt p50 us':>10} {'rtt p99 us':>10} {'asleep p50':>10} {'asleep p99':>10}")
         for size in map(int, args.sizes.split(",")):
             n, rounds = counts(size, args.quick)
             ring = ring_throughput(sock, size, n, batch=False)
@@ -211,10 +215,11 @@ def main() -> None:
             pipe = pipe_throughput(size, n)
             ceiling = memcpy_ceiling(size, n)
             p50, p99 = ring_rtt(sock, size, rounds)
+            w50, w99 = ring_rtt(sock, size, 200 if size < MiB else 50, gap=0.002)
             best = max(ring, batch)
             print(f"{human(size):>7} {ring:>11,.0f} {ring * size / 1e6:>10,.0f} {batch:>12,.0f} {pipe:>11,.0f} "
                   f"{pipe * size / 1e6:>10,.0f} {ceiling * size / 1e6:>12,.0f} {best / pipe:>9.2f} "
-                  f"{best / ceiling:>11.2f} {p50:>10.1f} {p99:>10.1f}", flush=True)
+                  f"{best / ceiling:>11.2f} {p50:>10.1f} {p99:>10.1f} {w50:>10.1f} {w99:>10.1f}", flush=True)
         print("# iceoryx2: not measured by this script (see docs/ring.md)")
     finally:
         if proc is not None:

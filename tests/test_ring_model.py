@@ -158,6 +158,25 @@ class RingModel(RuleBasedStateMachine):
             assert got == message(seq, len(got)), "message bytes differ from what was sent"
             member.expected = seq + 1
 
+    @precondition(lambda self: self.members)
+    @rule(index=st.integers(0, L.MAX_CONSUMERS - 1), batch=st.integers(1, 30))
+    def receive_many(self, index: int, batch: int) -> None:
+        member = self.members[index % len(self.members)]
+        got = member.ring.try_recv_many(batch)
+        assert len(got) <= batch
+        for msg in got:
+            seq = SEQ.unpack_from(msg)[0]
+            if member.expected is None:
+                assert seq < self.sent
+            else:
+                assert seq == member.expected, f"expected message {member.expected}, got {seq}"
+            assert msg == message(seq, len(msg)), "message bytes differ from what was sent"
+            member.expected = seq + 1
+        if len(got) < batch:
+            assert member.expected in (None, -1, self.sent), "a batch stopped early with messages left"
+            if member.expected is not None:
+                member.expected = -1
+
     @rule()
     def restart_producer(self) -> None:
         # A new producer (after kill -9 of the old one) continues after every

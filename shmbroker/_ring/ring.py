@@ -396,10 +396,12 @@ class RingConsumer(_Base):
         max_message = self.max_message
         append = out.append
         r = self._r
-        wc = self._wc if r != self._wc else self._load_write()
+        wc = self._wc
         while len(out) < max_count:
             if r == wc:
-                break
+                wc = self._load_write()  # validated against our published cursor, which is <= r
+                if r == wc:
+                    break
             pos = r % size
             n, kind = _REC_unpack(data, pos)
             end = r + L.RECORD_HEADER + ((n + 7) & ~7)

@@ -122,6 +122,22 @@ class RingModel(RuleBasedStateMachine):
                     m.expected = self.sent
         self.sent += done
 
+    @rule(size=st.integers(8, 3000), commit=st.booleans())
+    def reserve(self, size: int, commit: bool) -> None:
+        size = min(size, self.max_message)
+        view = self.producer.try_reserve(size)
+        if view is None:
+            return
+        view[:] = message(self.sent, size)
+        view.release()
+        if not commit:
+            return  # aborted: never published, overwritten by the next write
+        self.producer.commit(size)
+        for m in self.members:
+            if m.expected == -1:
+                m.expected = self.sent
+        self.sent += 1
+
     @rule(size=st.integers(1, 10))
     def too_large(self, size: int) -> None:
         with pytest.raises(errors.MessageTooLarge, match="max_message"):

@@ -264,3 +264,27 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
             r.release()
     finally:
         seg.close()
+
+
+def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
+    """A batch that ends on a PAD must leave (and publish) the cursor after
+    it: the producer may already reuse those bytes."""
+    seg = Segment(L.CONTROL_SIZE + 4096, 1000)
+    try:
+        fast, slow = Member(seg, alone=True), Member(seg, alone=False)
+        producer = RingProducer(seg.payload, seg.header, "model")
+        for i in range(4):
+            assert producer.try_send(message(i, 1000))
+        assert len(fast.ring.try_recv_many(10)) == 4
+        # The next record needs a PAD first, and does not fit after it
+        # while the slow consumer holds the start of the area.
+        assert not producer.try_send(message(4, 1000))
+        assert producer.write_index == 4096
+        assert fast.ring.try_recv_many(10) == []
+        assert fast.ring._r == 4096
+        assert L.U64.unpack_from(seg.payload, L.slot_offset(fast.slot))[0] == 4096
+        for m in (fast, slow):
+            m.ring.release()
+        producer.release()
+    finally:
+        seg.close()

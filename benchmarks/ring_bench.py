@@ -6,12 +6,14 @@ measured in the same run.
     .venv/bin/python benchmarks/ring_bench.py [--quick] [--socket PATH]
 
 Without --socket it starts a private broker in a temporary directory.
-iceoryx2 is not measured by this script yet (see docs/ring.md).
+iceoryx2 (the `bench` extra) is measured when it is installed: publisher
+here, subscriber in a subprocess, blocking backpressure so nothing is lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import shutil
@@ -164,6 +166,85 @@ def ring_rtt(sock: str, size: int, rounds: int, gap: float = 0.0) -> tuple[float
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
+def _iox_service(iox2: object, name: str, depth: int) -> object:
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)  # type: ignore[attr-defined]
+    service = (
+        node.service_builder(iox2.ServiceName.new(name))  # type: ignore[attr-defined]
+        .publish_subscribe(iox2.Slice[ctypes.c_uint8])  # type: ignore[attr-defined]
+        .enable_safe_overflow(False)
+        .subscriber_max_buffer_size(depth)
+        .history_size(0)
+        .open_or_create()
+    )
+    return node, service
+
+
+def iox_depth(size: int) -> int:
+    """Subscriber queue depth: about as many bytes in flight as the ring holds (8 MiB at most)."""
+    return max(4, min(256, 8 * MiB // size))
+
+
+def iox_subscriber(name: str, size: int, n: int) -> None:
+    """Subprocess side of the iceoryx2 run: receive n samples, copying each out."""
+    import iceoryx2 as iox2
+
+    depth = iox_depth(size)
+    node, service = _iox_service(iox2, name, depth)
+    sub = service.subscriber_builder().buffer_size(depth).create()
+    print("ready", flush=True)
+    deadline = time.monotonic() + 120
+    got = 0
+    while got < n and time.monotonic() < deadline:
+        sample = sub.receive()
+        if sample is None:
+            continue
+        ctypes.string_at(sample.payload_ptr, size)
+        sample.delete()
+        got += 1
+    print("done" if got == n else "timeout", flush=True)
+    sub.delete()
+
+
+def iox_throughput(size: int, n: int) -> float | None:
+    try:
+        import iceoryx2 as iox2
+    except ImportError:
+        return None
+    iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+    name = f"shmbroker-bench-{os.getpid()}-{size}"
+    node, service = _iox_service(iox2, name, iox_depth(size))
+    pub = (
+        service.publisher_builder()
+        .initial_max_slice_len(size)
+        .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+        .create()
+    )
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--iox-subscriber", name, str(size), str(n)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            return None
+        time.sleep(0.2)  # let the subscriber's connection become visible to the publisher
+        msg = os.urandom(size)
+        start = time.perf_counter()
+        for _ in range(n):
+            sample = pub.loan_slice_uninit(size)
+            ctypes.memmove(sample.payload_ptr, msg, size)
+            sample.assume_init().send()
+        ok = child.stdout.readline().strip() == "done"
+        elapsed = time.perf_counter() - start
+        return n / elapsed if ok else None
+    finally:
+        try:
+            child.wait(130)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        pub.delete()
+
+
 def start_broker() -> tuple[subprocess.Popen[bytes], str, str]:
     tmp = tempfile.mkdtemp(prefix="shmb-bench-", dir="/tmp")
     sock = os.path.join(tmp, "run", "broker.sock")
@@ -199,7 +280,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a quarter of the messages (noisier)")
     parser.add_argument("--socket", help="use a running broker instead of starting one")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated message sizes in bytes")
+    parser.add_argument("--iox-subscriber", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.iox_subscriber:
+        name, size, n = args.iox_subscriber
+        iox_subscriber(name, int(size), int(n))
+        return
     proc = tmp = None
     sock = args.socket
     if sock is None:
@@ -207,7 +293,7 @@ def main() -> None:
     try:
         print(f"# {cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}")
         print(f"{'size':>7} {'ring msg/s':>11} {'ring MB/s':>10} {'batch msg/s':>12} {'pipe msg/s':>11} "
-              f"{'pipe MB/s':>10} {'memcpy MB/s':>12} {'ring/pipe':>9} {'ring/memcpy':>11} {'rtt p50 us':>10} {'rtt p99 us':>10} {'asleep p50':>10} {'asleep p99':>10}")
+              f"{'pipe MB/s':>10} {'memcpy MB/s':>12} {'ring/pipe':>9} {'ring/memcpy':>11} {'rtt p50 us':>10} {'rtt p99 us':>10} {'asleep p50':>10} {'asleep p99':>10} {'iox2 msg/s':>11} {'ring/iox2':>8}")
         for size in map(int, args.sizes.split(",")):
             n, rounds = counts(size, args.quick)
             ring = ring_throughput(sock, size, n, batch=False)
@@ -216,11 +302,13 @@ def main() -> None:
             ceiling = memcpy_ceiling(size, n)
             p50, p99 = ring_rtt(sock, size, rounds)
             w50, w99 = ring_rtt(sock, size, 200 if size < MiB else 50, gap=0.002)
+            iox = iox_throughput(size, n)
             best = max(ring, batch)
             print(f"{human(size):>7} {ring:>11,.0f} {ring * size / 1e6:>10,.0f} {batch:>12,.0f} {pipe:>11,.0f} "
                   f"{pipe * size / 1e6:>10,.0f} {ceiling * size / 1e6:>12,.0f} {best / pipe:>9.2f} "
-                  f"{best / ceiling:>11.2f} {p50:>10.1f} {p99:>10.1f} {w50:>10.1f} {w99:>10.1f}", flush=True)
-        print("# iceoryx2: not measured by this script (see docs/ring.md)")
+                  f"{best / ceiling:>11.2f} {p50:>10.1f} {p99:>10.1f} {w50:>10.1f} {w99:>10.1f} "
+                  f"{'n/a' if iox is None else format(iox, ',.0f'):>11} {'n/a' if iox is None else format(best / iox, '.2f'):>8}",
+                  flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -36,10 +36,11 @@ from ..limits import PAGE_SIZE
 RING_MAGIC = b"SHMRING\x01"
 RING_VERSION = 1
 # Eight consumer slots.  Precedent: iceoryx2's default max-subscribers per
-# publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one u64 holds one membership
-# byte and one sleeping byte per slot, so the producer learns who sleeps with
-# a single aligned load per send, and the producer's fd set (1 + 8 eventfds
-# plus the segment) fits the protocol's 16-fd list.
+# publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one
+# u64 holds one membership byte and one sleeping byte per slot, so the
+# producer learns who sleeps with a single aligned load per send, and the
+# producer's fd set (the segment, 1 + 8 eventfds) fits the protocol's
+# 16-fd list.
 MAX_CONSUMERS = 8
 CONTROL_SIZE = PAGE_SIZE
 DATA_OFFSET = CONTROL_SIZE

@@ -3,7 +3,7 @@
 Nothing here blocks or makes a syscall: every operation either completes or
 reports "would block" (None/False), and the waiting layer decides whether to
 spin, sleep on an eventfd or await.  That keeps the algorithm testable on a
-bytearray (tests/test_ring_model.py) and the same for threads and asyncio.
+plain shared buffer (tests/test_ring_model.py) and the same for threads and asyncio.
 
 Ordering (x86-64 TSO, see docs/ring.md): a producer writes the record, then
 publishes the write index with one aligned 8-byte store; a consumer loads the

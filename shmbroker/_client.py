@@ -11,8 +11,12 @@ from types import TracebackType
 from typing import Any
 
 from . import errors
-from ._layout import HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
+from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
+from ._ring.client import take_ring_fds
+from ._ring.endpoint import Receiver, RingMethods, Sender
+from ._ring.layout import check_geometry as ring_geometry_problem
+from ._ring.layout import default_max_message as ring_max_message
 from ._sys import fdpass, memfd
 from ._sys.mapping import Mapping
 from ._wire import messages as m
@@ -172,16 +176,18 @@ def _resolve_path(socket_path: str | os.PathLike[str] | None) -> str:
         raise errors.BrokerUnavailable(str(exc)) from None
 
 
-class Attachment:
+class Attachment(RingMethods):
     """A mapped segment of a channel, valid until :meth:`close`.
 
-    ``buf`` is a memoryview of the payload (writable for producers).  After
+    ``buf`` is a memoryview of the payload (writable for producers).  On a
+    ring channel use the message methods instead (send/recv and friends,
+    see :class:`shmbroker._ring.endpoint.RingMethods`).  After
     :meth:`close` the segment is unmapped for this process; a view obtained
     from ``buf`` that is still alive then reads zeros and its writes go
     nowhere: it never crashes the process, and never reaches the segment.
     """
 
-    def __init__(self, link: _Link, mapping: Mapping, reply: m.Attached) -> None:
+    def __init__(self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None) -> None:
         self._link: _Link | None = link
         self._mapping = mapping
         self.channel: str = reply.channel
@@ -190,6 +196,19 @@ class Attachment:
         self.generation: int = reply.generation
         self._header = mapping.view[:HEADER_SIZE]
         self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+        self._ring: Sender | Receiver | None = None
+        self._ring_fds = ring_fds or []
+        if reply.ring:
+            # Ring consumers map writable for their cursor; .buf stays read-only for them.
+            if reply.role == "consumer":
+                self.buf = self.buf.toreadonly()
+            payload = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+            if reply.role == "producer":
+                self._ring = Sender(payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:])
+            else:
+                assert reply.slot is not None
+                self._ring = Receiver(payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1])
+            self._bind_ring_fast_paths()
 
     @property
     def closed(self) -> bool:
@@ -223,6 +242,11 @@ class Attachment:
             pass  # the broker is gone or refused; closing the socket detaches anyway
         finally:
             link.close()
+            if self._ring is not None:
+                self._unbind_ring_fast_paths()
+                self._ring.close()
+            fdpass.close_all(self._ring_fds)
+            self._ring_fds = []
             for view in (self.buf, self._header):
                 try:
                     view.release()
@@ -252,13 +276,18 @@ class ShmClient:
         *,
         socket_path: str | os.PathLike[str] | None = None,
         size: int | None = None,
+        ring: bool = False,
+        max_message: int | None = None,
         timeout: float = 5.0,
         harden: bool = False,
     ) -> Attachment:
         """Attach to ``channel`` as ``"producer"`` or ``"consumer"``.
 
         A producer passing ``size=`` creates the channel if it does not exist
-        and the broker's policy allows it.  Raises a subclass of
+        and the broker's policy allows it; with ``ring=True`` the new channel
+        carries messages of up to ``max_message`` bytes (default: 64 KiB or
+        a quarter of the ring).  Consumers attach to a ring channel without
+        these arguments.  Raises a subclass of
         :class:`shmbroker.errors.ShmBrokerError` on refusal.
 
         ``harden=True`` first makes this process non-dumpable with no core
@@ -275,22 +304,38 @@ class ShmClient:
             )
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
             raise ValueError(f"size must be a positive number of bytes, not {size!r}")
+        if max_message is not None and (not ring or size is None):
+            raise ValueError("max_message= only applies when creating a ring channel (size=..., ring=True)")
+        if ring and size is not None:
+            problem = ring_geometry_problem(size, ring_max_message(size, max_message))
+            if problem:
+                raise ValueError(f"cannot create ring channel {channel!r}: {problem}")
         if harden:
             from .hardening import harden_process
 
             harden_process(drop_capabilities=False)
         link = _Link(_resolve_path(socket_path), timeout)
+        ring_fds: list[int] = []
         try:
-            link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size))
+            link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size, ring=bool(ring), max_message=max_message))
             link.receive()  # welcome
             reply = link.receive()
             if not isinstance(reply, m.Attached):
                 raise errors.ProtocolError(f"the broker answered attach with {reply.TYPE}")
-            mapping = _map_segment(reply, link.take_fds())
+            if ring and not reply.ring:
+                raise errors.ChannelBusy(f"channel {channel!r} is a raw channel, not a ring")
+            fds = link.take_fds()
+            ring_fds = take_ring_fds(reply, fds)
+            mapping = _map_segment(reply, fds)
+            try:
+                return Attachment(link, mapping, reply, ring_fds)
+            except BaseException:
+                mapping.close()
+                raise
         except BaseException:
+            fdpass.close_all(ring_fds)
             link.close()
             raise
-        return Attachment(link, mapping, reply)
 
     @classmethod
     def status(cls, *, socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -327,7 +372,7 @@ def _check_seals(fd: int) -> None:
 def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
     """Check the fds the broker sent, map the segment, close every fd."""
     try:
-        if reply.fds != ("segment",) or len(fds) != 1:
+        if reply.fds[:1] != ("segment",) or len(fds) != 1:
             raise errors.ProtocolError(
                 f"the broker sent {len(fds)} file descriptor(s) for {list(reply.fds)}; expected one segment"
             )
@@ -348,11 +393,14 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
         if st.st_size != length:
             raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
         _check_seals(fd)
-        mapping = Mapping(fd, length, writable=reply.role == "producer")
+        mapping = Mapping(fd, length, writable=reply.role == "producer" or reply.ring)
     finally:
         fdpass.close_all(fds)
     header = parse_header(mapping.view)
-    if header is None or header.revoked or header.size != reply.size or header.generation != reply.generation:
+    if (
+        header is None or header.revoked or header.size != reply.size or header.generation != reply.generation
+        or bool(header.flags & FLAG_RING) != reply.ring
+    ):
         mapping.close()
         raise errors.SegmentError("the segment header does not match what the broker announced; refusing it")
     return mapping

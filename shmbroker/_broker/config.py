@@ -19,6 +19,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
+from .._ring.layout import check_geometry as ring_geometry_problem
+from .._ring.layout import default_max_message as ring_max_message
 from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
 
 # posix: leased shm_open object (detects openers); memfd: sealed (stops
@@ -55,6 +57,8 @@ class ChannelSpec:
     size: int
     backend: str = "posix"
     wipe_when: str = "never"
+    ring: bool = False  # the payload holds a message ring (shmbroker/_ring)
+    max_message: int | None = None  # ring channels only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +144,10 @@ class _Parser:
                 raise self.fail(key, "invalid channel name (letters, digits, '.', '_', '-'; at most 64)")
             if not isinstance(body, dict):
                 raise self.fail(key, "must be a table with at least 'size'")
-            unknown = sorted(set(body) - {"size", "backend", "wipe_when"})
+            known = {"size", "backend", "wipe_when", "ring", "max_message"}
+            unknown = sorted(set(body) - known)
             if unknown:
-                raise self.fail(f"{key}.{unknown[0]}", "unknown key (known: backend, size, wipe_when)")
+                raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
             if "size" not in body:
                 raise self.fail(f"{key}.size", "missing; give the payload size, e.g. \"16MiB\"")
             try:
@@ -157,7 +162,25 @@ class _Parser:
             wipe_when = body.get("wipe_when", "never")
             if wipe_when not in WIPE_RULES:
                 raise self.fail(f"{key}.wipe_when", f"unknown rule {wipe_when!r} (known: {', '.join(WIPE_RULES)})")
-            specs[name] = ChannelSpec(name=name, size=size, backend=backend, wipe_when=wipe_when)
+            ring = body.get("ring", False)
+            if not isinstance(ring, bool):
+                raise self.fail(f"{key}.ring", "must be true or false")
+            max_message = None
+            if "max_message" in body:
+                if not ring:
+                    raise self.fail(f"{key}.max_message", "only ring channels have messages; add ring = true")
+                try:
+                    max_message = parse_size(body["max_message"])
+                except ValueError as exc:
+                    raise self.fail(f"{key}.max_message", str(exc)) from None
+            if ring:
+                max_message = ring_max_message(size, max_message)
+                problem = ring_geometry_problem(size, max_message)
+                if problem:
+                    raise self.fail(f"{key}.max_message" if "max_message" in body else f"{key}.size", problem)
+            specs[name] = ChannelSpec(
+                name=name, size=size, backend=backend, wipe_when=wipe_when, ring=ring, max_message=max_message
+            )
         return specs
 
     def rules(self, value: Any) -> tuple[Rule, ...]:

@@ -21,7 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from .._layout import LAYOUT_VERSION
+from .._layout import FLAG_RING, LAYOUT_VERSION
+from .._ring.broker import RingState
+from .._ring.layout import check_geometry as ring_geometry_problem
+from .._ring.layout import default_max_message as ring_max_message
 from .._sys import fdpass
 from .._sys.peercred import peer_credentials
 from .._sys.sdnotify import Notifier
@@ -75,6 +78,7 @@ class Channel:
         self.configured = configured
         self.owner_uid = owner_uid  # charged for the segment when created on demand
         self.segment: Segment | None = None
+        self.ring: RingState | None = None  # with the segment, for ring channels
         self.generation = 0
         self.sessions: set[Session] = set()
 
@@ -93,6 +97,7 @@ class Session:
         self.deadline: float | None = deadline  # None once attached
         self.channel: Channel | None = None
         self.segment: Segment | None = None
+        self.ring: RingState | None = None
         self.role: str | None = None
         self.attached_at: float | None = None
         self.outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
@@ -459,11 +464,27 @@ class Broker:
                 f"channel {request.channel!r} exists with size {channel.spec.size}, not {request.size}; "
                 "attach without size= to use it as it is"
             )
+        elif request.size is not None and (
+            request.ring != channel.spec.ring
+            or (request.max_message is not None and request.max_message != channel.spec.max_message)
+        ):
+            kind = f"a ring channel (max_message {channel.spec.max_message})" if channel.spec.ring else "a raw channel"
+            raise ChannelBusy(f"channel {request.channel!r} exists as {kind}; attach without size= to use it as it is")
         segment = channel.segment
         if segment is None:
             segment = self._new_segment(channel)
+        fds, fd_names, slot = [segment.fd], ("segment",), None
+        ring = channel.ring
+        if ring is not None:
+            if request.role == "producer":
+                other = ring.producer
+                describe = f"pid {other.peer.identity.pid}" if isinstance(other, Session) else "another peer"
+                ring_fds, ring_names = ring.attach_producer(session, channel.name, describe)
+            else:
+                slot, ring_fds, ring_names = ring.attach_consumer(session, channel.name)
+            fds, fd_names = fds + ring_fds, fd_names + ring_names
         channel.sessions.add(session)
-        session.channel, session.segment, session.role = channel, segment, request.role
+        session.channel, session.segment, session.role, session.ring = channel, segment, request.role, ring
         session.deadline = None
         session.attached_at = time.time()
         self.events.count("attaches")
@@ -473,9 +494,10 @@ class Broker:
         )
         reply = m.Attached(
             channel=channel.name, role=request.role, size=segment.size,
-            generation=segment.generation, layout=LAYOUT_VERSION, fds=("segment",),
+            generation=segment.generation, layout=LAYOUT_VERSION, fds=fd_names,
+            ring=ring is not None, slot=slot,
         )
-        self._send(session, reply, [segment.fd])
+        self._send(session, reply, fds)
 
     def _create_channel(self, session: Session, request: m.Attach) -> Channel:
         identity = session.peer.identity
@@ -502,7 +524,15 @@ class Broker:
                 f"uid {identity.uid} would own {self._bytes_by_uid[identity.uid] + request.size} bytes of segments, "
                 f"over max_bytes_per_uid ({limits.max_bytes_per_uid})"
             )
-        spec = ChannelSpec(name=request.channel, size=request.size)
+        max_message = None
+        if request.ring:
+            max_message = ring_max_message(request.size, request.max_message)
+            problem = ring_geometry_problem(request.size, max_message)
+            if problem:
+                raise LimitExceeded(f"cannot create ring channel {request.channel!r}: {problem}")
+        elif request.max_message is not None:
+            raise LimitExceeded("max_message applies to ring channels only; pass ring=True")
+        spec = ChannelSpec(name=request.channel, size=request.size, ring=request.ring, max_message=max_message)
         channel = Channel(spec, configured=False, owner_uid=identity.uid)
         self.channels[channel.name] = channel
         self._segments_by_uid[identity.uid] += 1
@@ -514,8 +544,16 @@ class Broker:
         try:
             segment = Segment.create(
                 channel.spec.size, channel.generation + 1, backend=channel.spec.backend,
+                flags=FLAG_RING if channel.spec.ring else 0,
                 on_lease_failure=lambda: self.events.count("lease_failures"),
             )
+            if channel.spec.ring:
+                assert channel.spec.max_message is not None
+                try:
+                    channel.ring = RingState(segment.fd, channel.spec.size, channel.spec.max_message)
+                except BaseException:
+                    segment.close()
+                    raise
         except OSError as exc:
             if not channel.configured and not channel.sessions:
                 self._forget_channel(channel)
@@ -531,6 +569,9 @@ class Broker:
             return None
         session.channel = session.segment = None
         channel.sessions.discard(session)
+        if session.ring is not None:
+            session.ring.detach(session)  # frees a consumer slot so it cannot stall the producer
+            session.ring = None
         self.events.count("detaches")
         reason = recheck(session.peer) if recheck_identity else None
         identity = session.peer.identity
@@ -563,8 +604,15 @@ class Broker:
             return
         segment.wipe()
         self.events.count("segments_wiped")
+        self._close_ring(channel)
         segment.close()
         channel.segment = None
+
+    def _close_ring(self, channel: Channel) -> None:
+        """After a wipe: wake every sleeping peer so it sees the revoked word, close the eventfds."""
+        if channel.ring is not None:
+            channel.ring.close()
+            channel.ring = None
 
     def _release_segment(self, channel: Channel) -> None:
         """Nobody is attached any more: zeroize and free the memory."""
@@ -614,6 +662,7 @@ class Broker:
                 channel=channel.name,
             )
             self.events.count("segments_wiped")
+            self._close_ring(channel)
             segment.close()
             channel.segment = None
 
@@ -647,6 +696,8 @@ class Broker:
                     "name": channel.name,
                     "size": channel.spec.size,
                     "backend": channel.spec.backend,
+                    "ring": channel.spec.ring,
+                    "max_message": channel.spec.max_message,
                     "configured": channel.configured,
                     "generation": channel.generation,
                     "live": channel.segment is not None,

@@ -34,7 +34,7 @@ import os
 import secrets
 from collections.abc import Callable
 
-from .._layout import REVOKED, REVOKED_OFFSET, Header, segment_length
+from .._layout import HEADER_SIZE, REVOKED, REVOKED_OFFSET, Header, segment_length
 from .._sys import lease, memfd, shm
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,11 @@ class Segment:
 
     @classmethod
     def create(
-        cls, size: int, generation: int, *, backend: str = "posix",
+        cls, size: int, generation: int, *, backend: str = "posix", flags: int = 0,
         on_lease_failure: Callable[[], None] | None = None,
     ) -> Segment:
         if backend == "memfd":
-            return cls._create_memfd(size, generation)
+            return cls._create_memfd(size, generation, flags)
         if backend != "posix":
             raise ValueError(f"unknown segment backend {backend!r}")
         for _ in range(MAX_CREATE_ATTEMPTS):
@@ -91,7 +91,7 @@ class Segment:
                 if on_lease_failure is not None:
                     on_lease_failure()
                 continue
-            segment = cls(fd, size, generation)
+            segment = cls(fd, size, generation, flags)
             try:
                 os.ftruncate(fd, segment.length)
                 segment._write_header()
@@ -102,9 +102,9 @@ class Segment:
         raise OSError("could not create a private segment after several attempts (see warnings above)")
 
     @classmethod
-    def _create_memfd(cls, size: int, generation: int) -> Segment:
+    def _create_memfd(cls, size: int, generation: int, flags: int) -> Segment:
         fd = memfd.memfd_create("shmbroker")
-        segment = cls(fd, size, generation, backend="memfd")
+        segment = cls(fd, size, generation, flags, backend="memfd")
         try:
             # Mode 0 like the posix objects: nobody may open it by path, and
             # clients check the mode the same way for both backends.
@@ -137,11 +137,17 @@ class Segment:
             return True
 
     def wipe(self) -> None:
-        """Zero every byte (header included), then set the revoked word."""
-        offset = 0
-        while offset < self.length:
-            chunk = _WIPE_CHUNK[: min(len(_WIPE_CHUNK), self.length - offset)]
-            offset += os.pwrite(self.fd, chunk, offset)
+        """Set the revoked word, zero every other byte, then set it again.
+
+        The revoked word is non-zero before any byte is zeroed and stays so:
+        a ring consumer copies a message and then checks the word, so a copy
+        that raced with the wipe is never delivered (docs/ring.md)."""
+        os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
+        for start, end in ((HEADER_SIZE, self.length), (0, REVOKED_OFFSET), (REVOKED_OFFSET + REVOKED.size, HEADER_SIZE)):
+            offset = start
+            while offset < end:
+                chunk = _WIPE_CHUNK[: min(len(_WIPE_CHUNK), end - offset)]
+                offset += os.pwrite(self.fd, chunk, offset)
         os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
         self.revoked = True
 

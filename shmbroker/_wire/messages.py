@@ -50,6 +50,11 @@ class Attach(Message):
     channel: str
     role: str
     size: int | None = None
+    # Ring channels (issue 3).  Optional fields are left out of the frame
+    # while they hold their default, so brokers that predate them still
+    # accept every request that does not use them.
+    ring: bool = False
+    max_message: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,8 @@ class Attached(Message):
     generation: int
     layout: int
     fds: tuple[str, ...]
+    ring: bool = False
+    slot: int | None = None  # a ring consumer's slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +146,8 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
         "channel": (lambda v: type(v) is str and valid_channel_name(v), True),
         "role": (lambda v: v in ROLES, True),
         "size": (lambda v: v is None or (_uint(v) and v > 0), False),
+        "ring": (lambda v: type(v) is bool, False),
+        "max_message": (lambda v: v is None or (_uint(v) and v > 0), False),
     },
     Detach: {},
     StatusRequest: {},
@@ -150,6 +159,8 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
         "generation": (_uint, True),
         "layout": (_uint, True),
         "fds": (lambda v: type(v) is list and len(v) <= 16 and all(_text(k) for k in v), True),
+        "ring": (lambda v: type(v) is bool, False),
+        "slot": (lambda v: v is None or (_uint(v) and v < 64), False),
     },
     Detached: {},
     StatusReply: {"status": (lambda v: type(v) is dict, True)},
@@ -159,8 +170,11 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
 
 def encode(message: Message) -> bytes:
     body: dict[str, Any] = {"type": message.TYPE}
+    schema = _SCHEMA[type(message)]
     for field in dataclasses.fields(message):
         value = getattr(message, field.name)
+        if not schema[field.name][1] and value is field.default:
+            continue  # optional and at its default: omitted (see Attach)
         body[field.name] = list(value) if isinstance(value, tuple) else value
     return msgpack.packb(body, use_bin_type=True)
 

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Ring channel benchmark (a script, not a test): one producer -> one consumer
+in separate processes, against an os.pipe and a single-process memcpy ceiling
+measured in the same run.
+
+    .venv/bin/python benchmarks/ring_bench.py [--quick] [--socket PATH]
+
+Without --socket it starts a private broker in a temporary directory.
+iceoryx2 (the `bench` extra) is measured when it is installed: publisher
+here, subscriber in a subprocess, blocking backpressure so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from shmbroker import ShmClient
+
+SIZES = [64, 4096, 64 * 1024, 1024 * 1024]
+MiB = 1024 * 1024
+
+
+def counts(size: int, quick: bool) -> tuple[int, int]:
+    """(messages for throughput, round trips for latency), about half a second each."""
+    n = {64: 400_000, 4096: 100_000, 65536: 10_000, MiB: 800}[size]
+    rtt = {64: 5000, 4096: 5000, 65536: 2000, MiB: 200}[size]
+    return (n // 4, rtt // 4) if quick else (n, rtt)
+
+
+def fork(fn: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def ring_throughput(sock: str, size: int, n: int, batch: bool) -> float:
+    name = f"bench-{size}-{int(batch)}"
+    # A ring that fits in L2 keeps the copied bytes in cache (measured: 2x at 4 KiB).
+    ring_size = max(256 * 1024, 8 * size)
+    p = ShmClient.attach(name, "producer", socket_path=sock, size=ring_size, ring=True, max_message=size)
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def consumer() -> None:
+        with ShmClient.attach(name, "consumer", socket_path=sock) as c:
+            os.write(ready_w, b"x")
+            buf = bytearray(size)
+            got = 0
+            if batch:
+                while got < n:
+                    got += len(c.recv_many(256))
+            else:
+                recv_into = c.recv_into
+                while got < n:
+                    recv_into(buf)
+                    got += 1
+            os.write(done_w, b"x")
+
+    pid = fork(consumer)
+    os.read(ready_r, 1)
+    msg = os.urandom(size)
+    start = time.perf_counter()
+    if batch:
+        chunk = [msg] * 256
+        sent = 0
+        while sent < n:
+            sent += p.send_many(chunk[: n - sent])
+    else:
+        send = p.send
+        for _ in range(n):
+            send(msg)
+    os.read(done_r, 1)
+    elapsed = time.perf_counter() - start
+    os.waitpid(pid, 0)
+    p.close()
+    for fd in (ready_r, ready_w, done_r, done_w):
+        os.close(fd)
+    return n / elapsed
+
+
+def pipe_throughput(size: int, n: int) -> float:
+    r, w = os.pipe()
+    frame = size.to_bytes(4, "little") + os.urandom(size)
+
+    def reader() -> None:
+        os.close(w)
+        f = os.fdopen(r, "rb", buffering=1 << 20)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        for _ in range(n):
+            length = int.from_bytes(f.read(4), "little")
+            f.readinto(view[:length])
+        os._exit(0)
+
+    pid = fork(reader)
+    os.close(r)
+    start = time.perf_counter()
+    write = os.write
+    for _ in range(n):
+        data = memoryview(frame)
+        while data:
+            data = data[write(w, data):]
+    os.close(w)
+    os.waitpid(pid, 0)
+    return n / (time.perf_counter() - start)
+
+
+def memcpy_ceiling(size: int, n: int) -> float:
+    src = os.urandom(size)
+    dst = bytearray(size)
+    start = time.perf_counter()
+    for _ in range(n):
+        dst[:] = src
+    return n / (time.perf_counter() - start)
+
+
+def ring_rtt(sock: str, size: int, rounds: int, gap: float = 0.0) -> tuple[float, float]:
+    """Round trip p50/p99 in us; with ``gap`` seconds between rounds both sides
+    are asleep in poll(2) when a message arrives, so it includes two wake-ups."""
+    ping, pong = f"ping-{size}-{gap}", f"pong-{size}-{gap}"
+    ring_size = max(8 * MiB, 4 * size)
+    p = ShmClient.attach(ping, "producer", socket_path=sock, size=ring_size, ring=True, max_message=size)
+    ready_r, ready_w = os.pipe()
+
+    def echo() -> None:
+        with ShmClient.attach(ping, "consumer", socket_path=sock) as c, ShmClient.attach(
+            pong, "producer", socket_path=sock, size=ring_size, ring=True, max_message=size
+        ) as back:
+            os.write(ready_w, b"x")
+            for _ in range(rounds):
+                with c.receive_view() as view:
+                    back.send(view)
+
+    pid = fork(echo)
+    os.read(ready_r, 1)
+    c = ShmClient.attach(pong, "consumer", socket_path=sock)
+    msg = os.urandom(size)
+    samples = []
+    for _ in range(rounds):
+        if gap:
+            time.sleep(gap)
+        t0 = time.perf_counter()
+        p.send(msg)
+        c.recv()
+        samples.append(time.perf_counter() - t0)
+    os.waitpid(pid, 0)
+    c.close()
+    p.close()
+    os.close(ready_r)
+    os.close(ready_w)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def _iox_service(iox2: object, name: str, depth: int) -> object:
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)  # type: ignore[attr-defined]
+    service = (
+        node.service_builder(iox2.ServiceName.new(name))  # type: ignore[attr-defined]
+        .publish_subscribe(iox2.Slice[ctypes.c_uint8])  # type: ignore[attr-defined]
+        .enable_safe_overflow(False)
+        .subscriber_max_buffer_size(depth)
+        .history_size(0)
+        .open_or_create()
+    )
+    return node, service
+
+
+def iox_depth(size: int) -> int:
+    """Subscriber queue depth: about as many bytes in flight as the ring holds (8 MiB at most)."""
+    return max(4, min(256, 8 * MiB // size))
+
+
+def iox_subscriber(name: str, size: int, n: int) -> None:
+    """Subprocess side of the iceoryx2 run: receive n samples, copying each out."""
+    import iceoryx2 as iox2
+
+    depth = iox_depth(size)
+    node, service = _iox_service(iox2, name, depth)
+    sub = service.subscriber_builder().buffer_size(depth).create()
+    print("ready", flush=True)
+    deadline = time.monotonic() + 120
+    got = 0
+    while got < n and time.monotonic() < deadline:
+        sample = sub.receive()
+        if sample is None:
+            continue
+        ctypes.string_at(sample.payload_ptr, size)
+        sample.delete()
+        got += 1
+    print("done" if got == n else "timeout", flush=True)
+    sub.delete()
+
+
+def iox_throughput(size: int, n: int) -> float | None:
+    try:
+        import iceoryx2 as iox2
+    except ImportError:
+        return None
+    iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+    name = f"shmbroker-bench-{os.getpid()}-{size}"
+    node, service = _iox_service(iox2, name, iox_depth(size))
+    pub = (
+        service.publisher_builder()
+        .initial_max_slice_len(size)
+        .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+        .create()
+    )
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--iox-subscriber", name, str(size), str(n)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            return None
+        time.sleep(0.2)  # let the subscriber's connection become visible to the publisher
+        msg = os.urandom(size)
+        start = time.perf_counter()
+        for _ in range(n):
+            sample = pub.loan_slice_uninit(size)
+            ctypes.memmove(sample.payload_ptr, msg, size)
+            sample.assume_init().send()
+        ok = child.stdout.readline().strip() == "done"
+        elapsed = time.perf_counter() - start
+        return n / elapsed if ok else None
+    finally:
+        try:
+            child.wait(130)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        pub.delete()
+
+
+def start_broker() -> tuple[subprocess.Popen[bytes], str, str]:
+    tmp = tempfile.mkdtemp(prefix="shmb-bench-", dir="/tmp")
+    sock = os.path.join(tmp, "run", "broker.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "shmbroker", "serve", "--socket", sock], stderr=subprocess.DEVNULL)
+    for _ in range(500):
+        if os.path.exists(sock):
+            try:
+                ShmClient.status(socket_path=sock)
+                return proc, sock, tmp
+            except Exception:
+                pass
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("the broker did not start")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def human(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a quarter of the messages (noisier)")
+    parser.add_argument("--socket", help="use a running broker instead of starting one")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated message sizes in bytes")
+    parser.add_argument("--iox-subscriber", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.iox_subscriber:
+        name, size, n = args.iox_subscriber
+        iox_subscriber(name, int(size), int(n))
+        return
+    proc = tmp = None
+    sock = args.socket
+    if sock is None:
+        proc, sock, tmp = start_broker()
+    try:
+        print(f"# {cpu_model()}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}")
+        print(f"{'size':>7} {'ring msg/s':>11} {'ring MB/s':>10} {'batch msg/s':>12} {'pipe msg/s':>11} "
+              f"{'pipe MB/s':>10} {'memcpy MB/s':>12} {'ring/pipe':>9} {'ring/memcpy':>11} {'rtt p50 us':>10} {'rtt p99 us':>10} {'asleep p50':>10} {'asleep p99':>10} {'iox2 msg/s':>11} {'ring/iox2':>8}")
+        for size in map(int, args.sizes.split(",")):
+            n, rounds = counts(size, args.quick)
+            ring = ring_throughput(sock, size, n, batch=False)
+            batch = ring_throughput(sock, size, n, batch=True)
+            pipe = pipe_throughput(size, n)
+            ceiling = memcpy_ceiling(size, n)
+            p50, p99 = ring_rtt(sock, size, rounds)
+            w50, w99 = ring_rtt(sock, size, 200 if size < MiB else 50, gap=0.002)
+            iox = iox_throughput(size, n)
+            best = max(ring, batch)
+            print(f"{human(size):>7} {ring:>11,.0f} {ring * size / 1e6:>10,.0f} {batch:>12,.0f} {pipe:>11,.0f} "
+                  f"{pipe * size / 1e6:>10,.0f} {ceiling * size / 1e6:>12,.0f} {best / pipe:>9.2f} "
+                  f"{best / ceiling:>11.2f} {p50:>10.1f} {p99:>10.1f} {w50:>10.1f} {w99:>10.1f} "
+                  f"{'n/a' if iox is None else format(iox, ',.0f'):>11} {'n/a' if iox is None else format(best / iox, '.2f'):>8}",
+                  flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Byte layout of a ring in a segment's payload (all offsets relative to the payload).
+
+The control page (payload page 0) holds everything peers write besides
+messages; the data area starts on the next page, so a later variant can map
+data read-only for consumers and only the control page writable.  Every word
+is a little-endian, naturally aligned u64; words written by different
+parties sit on different 64-byte cache lines so peers do not false-share.
+
+    offset     size  writer     field
+    0          8     broker     magic b"SHMRING\\x01"
+    8          4     broker     ring layout version
+    12         4     broker     max consumers (slots)
+    16         8     broker     data offset (one page)
+    24         8     broker     data size (bytes, multiple of 8)
+    32         8     broker     max message (bytes)
+    64         8     producer   write index (monotonic byte count, published last)
+    72         8     producer   low: oldest index still retained for a consumer joining an empty ring
+    80         8     producer   producer waiting for space (non-zero while it sleeps)
+    128        8     broker     membership: byte k non-zero while slot k belongs to a consumer
+    192        8     consumers  sleeping: byte k non-zero while consumer k sleeps
+    256+64k    8     consumer k read index of slot k
+
+Records in the data area are 8-byte aligned and never wrap: an 8-byte
+record header (u32 length, u32 kind) followed by the message, padded to 8.
+When a record does not fit before the end of the area, the producer
+publishes a PAD record that covers the rest of the area.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+from ..limits import PAGE_SIZE
+
+RING_MAGIC = b"SHMRING\x01"
+RING_VERSION = 1
+# Eight consumer slots.  Precedent: iceoryx2's default max-subscribers per
+# publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one
+# u64 holds one membership byte and one sleeping byte per slot, so the
+# producer learns who sleeps with a single aligned load per send, and the
+# producer's fd set (the segment, 1 + 8 eventfds) fits the protocol's
+# 16-fd list.
+MAX_CONSUMERS = 8
+CONTROL_SIZE = PAGE_SIZE
+DATA_OFFSET = CONTROL_SIZE
+RECORD_HEADER = 8
+ALIGN = 8
+# A ring must hold at least a few pages of data to be useful.
+MIN_DATA_SIZE = PAGE_SIZE
+KIND_MSG = 1
+KIND_PAD = 2
+# u32 length field; beyond this messages belong in a raw channel anyway.
+MAX_MESSAGE_LIMIT = 2**31
+
+OFF_MAGIC = 0
+OFF_DATA_SIZE = 24
+OFF_MAX_MESSAGE = 32
+OFF_WRITE = 64
+OFF_LOW = 72
+OFF_PRODUCER_WAITING = 80
+OFF_MEMBERS = 128
+OFF_SLEEPING = 192
+OFF_SLOTS = 256
+SLOT_STRIDE = 64
+
+U64 = struct.Struct("<Q")
+RECORD = struct.Struct("<II")
+_STATIC = struct.Struct("<8sIIQQQ")
+
+assert OFF_SLOTS + MAX_CONSUMERS * SLOT_STRIDE <= CONTROL_SIZE
+
+
+def slot_offset(slot: int) -> int:
+    return OFF_SLOTS + slot * SLOT_STRIDE
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def data_size_for(payload_size: int) -> int:
+    return (payload_size - DATA_OFFSET) & ~(ALIGN - 1)
+
+
+def check_geometry(payload_size: int, max_message: int) -> str | None:
+    """Why a ring of this payload size cannot carry messages of max_message bytes, or None."""
+    if max_message <= 0 or max_message > MAX_MESSAGE_LIMIT:
+        return f"max_message must be between 1 and {MAX_MESSAGE_LIMIT} bytes"
+    data = data_size_for(payload_size)
+    if data < MIN_DATA_SIZE:
+        return f"a ring needs a payload of at least {DATA_OFFSET + MIN_DATA_SIZE} bytes (one control page plus data)"
+    if RECORD_HEADER + align(max_message) > data:
+        return (
+            f"max_message {max_message} does not fit the ring's {data}-byte data area; "
+            "use a larger size (several times max_message keeps the producer from waiting)"
+        )
+    return None
+
+
+def init_image(payload_size: int, max_message: int) -> bytes:
+    """The control page the broker pwrite()s into a fresh segment's payload."""
+    image = bytearray(CONTROL_SIZE)
+    _STATIC.pack_into(
+        image, 0, RING_MAGIC, RING_VERSION, MAX_CONSUMERS, DATA_OFFSET, data_size_for(payload_size), max_message
+    )
+    return bytes(image)
+
+
+def parse_static(buf: bytes | memoryview) -> tuple[int, int] | None:
+    """(data_size, max_message) from a control page, or None if it is not a ring."""
+    magic, version, slots, data_offset, data_size, max_message = _STATIC.unpack_from(buf, 0)
+    if magic != RING_MAGIC or version != RING_VERSION or slots != MAX_CONSUMERS or data_offset != DATA_OFFSET:
+        return None
+    return data_size, max_message
+
+
+# Default largest message when a ring channel does not say: 64 KiB, the
+# default maximum of a Linux pipe's buffer and of a UDP datagram, or a
+# quarter of the data area for small rings so several messages fit.
+DEFAULT_MAX_MESSAGE = 64 * 1024
+
+
+def default_max_message(payload_size: int, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    quarter = (data_size_for(payload_size) // 4 - RECORD_HEADER) & ~(ALIGN - 1)
+    return max(1, min(DEFAULT_MAX_MESSAGE, quarter))
+
+
+# Peers access shared words as native u64 items (see ring.py), which equal
+# the little-endian layout only on little-endian hosts.
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("shmbroker's message ring supports little-endian hosts only")

@@ -1,0 +1,449 @@
+"""The ring algorithm over plain buffers: one producer, up to MAX_CONSUMERS consumers.
+
+Nothing here blocks or makes a syscall: every operation either completes or
+reports "would block" (None/False), and the waiting layer decides whether to
+spin, sleep on an eventfd or await.  That keeps the algorithm testable on a
+plain shared buffer (tests/test_ring_model.py) and the same for threads and asyncio.
+
+Ordering (x86-64 TSO, see docs/ring.md): a producer writes the record, then
+publishes the write index with one aligned 8-byte store; a consumer loads the
+write index, then reads records below it, then stores its read index.  Every
+index one side reads from the other is validated before it is used, because
+the other side may be buggy, hostile or dead half-way through.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .. import errors
+from .._layout import REVOKED_OFFSET
+from . import layout as L
+
+_REC_pack = L.RECORD.pack_into
+_REC_unpack = L.RECORD.unpack_from
+_REVOKED = REVOKED_OFFSET // 8
+_KIND_MSG = L.KIND_MSG
+_KIND_PAD = L.KIND_PAD
+# Word indices into the control page viewed as native u64 (little-endian
+# hosts only, see layout.py).
+_W_WRITE = L.OFF_WRITE // 8
+_W_LOW = L.OFF_LOW // 8
+_W_MEMBERS = L.OFF_MEMBERS // 8
+_W_SLEEPING = L.OFF_SLEEPING // 8
+_W_PRODUCER_WAITING = L.OFF_PRODUCER_WAITING // 8
+_OFF_SLEEPING = L.OFF_SLEEPING
+# try_recv_many copies at most this many bytes per span (one L1-sized copy).
+_SPAN = 32 * 1024
+# Indices are byte counts; 2**62 bytes is 146 years at 1 TB/s, so a larger
+# value can only come from corruption.
+MAX_INDEX = 2**62
+
+# A full memory barrier for the Dekker-style "store my flag/index, then load
+# theirs" handshakes.  x86-64 may let a load pass an earlier store (the store
+# buffer); uncontended threading.Lock acquire/release runs lock-prefixed
+# instructions (glibc sem_trywait/sem_post: cmpxchg, xadd), which are full
+# fences on x86-64.  About 75 ns, far cheaper than a ctypes call.
+_fence_lock = threading.Lock()
+_fence_acquire = _fence_lock.acquire
+_fence_release = _fence_lock.release
+
+
+def fence() -> None:
+    _fence_acquire()
+    _fence_release()
+
+
+class _Base:
+    def __init__(self, payload: memoryview, header: memoryview, name: str) -> None:
+        self.name = name
+        static = L.parse_static(payload)
+        if static is None:
+            raise errors.SegmentError(f"channel {name!r} is not a message ring (bad ring header); attach it as a raw channel")
+        data_size, max_message = static
+        if data_size != L.data_size_for(len(payload)) or L.check_geometry(len(payload), max_message) is not None:
+            raise errors.SegmentError(f"the ring header of channel {name!r} does not match its segment; refusing it")
+        self.data_size = data_size
+        self.max_message = max_message
+        self._ctrl = payload[: L.CONTROL_SIZE]
+        self._data = payload[L.DATA_OFFSET : L.DATA_OFFSET + data_size]
+        self._header = header
+        # Shared words are read and written as items of a 'Q' memoryview:
+        # CPython copies such an item with one 8-byte memcpy, a single aligned
+        # load or store.  struct.pack_into is NOT usable for publishing: it
+        # memset()s the field to zero before writing it, so a concurrent
+        # reader can see 0 (observed here as a write index of 0 mid-stream).
+        self._cw = self._ctrl.cast("Q")
+        self._hw = header[: L.CONTROL_SIZE].cast("Q")
+
+    def revoked(self) -> bool:
+        return self._hw[_REVOKED] != 0
+
+    def check(self) -> None:
+        if self._hw[_REVOKED]:
+            raise errors.ChannelRevoked(
+                f"channel {self.name!r} was revoked by the broker; attach again for a fresh segment"
+            )
+
+    def corrupt(self, what: str) -> errors.SegmentError:
+        self.check()  # a wipe in progress looks like corruption; report it as what it is
+        return errors.SegmentError(f"the ring of channel {self.name!r} is corrupt ({what}); detach and attach again")
+
+    def release(self) -> None:
+        for view in (self._cw, self._hw, self._ctrl, self._data):
+            try:
+                view.release()
+            except BufferError:
+                pass
+
+
+class RingProducer(_Base):
+    """The only writer of records and of the write index."""
+
+    def __init__(self, payload: memoryview, header: memoryview, name: str, wake: Callable[[int], None] | None = None) -> None:
+        super().__init__(payload, header, name)
+        self.check()
+        # A previous producer may have published messages nobody consumed;
+        # continue after them.  The stored index is only a hint (consumers
+        # can write the control page), so validate it like any other.
+        w = self._cw[_W_WRITE]
+        low = self._cw[_W_LOW]
+        if w % L.ALIGN or w >= MAX_INDEX or low > w or w - low > self.data_size or low % L.ALIGN:
+            raise self.corrupt(f"write index {w}, low {low}")
+        self._w = w
+        self._low = low
+        self._wake = wake
+        self._limit = 0
+        self.rescan()
+
+    @property
+    def write_index(self) -> int:
+        return self._w
+
+    def rescan(self) -> int:
+        """Recompute how far we may write: the slowest live consumer plus the data size.
+
+        Consumer cursors are untrusted: each is clamped into [w - size, w],
+        so a cursor ahead of us means "read everything" (it only hurts that
+        consumer) and one too far behind means "full" (the documented
+        slow-consumer policy: we wait for the slowest live consumer).
+        """
+        cw = self._cw
+        w = self._w
+        size = self.data_size
+        members = cw[_W_MEMBERS]
+        low = None
+        if members:
+            floor = w - size if w > size else 0
+            for slot in range(L.MAX_CONSUMERS):
+                if (members >> (8 * slot)) & 0xFF:
+                    r = cw[L.slot_offset(slot) >> 3]
+                    r = floor if r < floor else (w if r > w else r)
+                    if low is None or r < low:
+                        low = r
+        if low is not None and low > self._low:
+            self._low = low
+            cw[_W_LOW] = low
+        # No consumer: keep what was published for the first one to join,
+        # and block when that fills the ring (never drop silently).
+        self._limit = self._low + size
+        return self._limit
+
+    def _room(self, n: int) -> int:
+        """Start offset in the data area for a record of ``n`` payload bytes, or -1 if full.
+
+        Publishes a PAD record first when the record would cross the end."""
+        size = self.data_size
+        rec = L.RECORD_HEADER + ((n + 7) & ~7)
+        w = self._w
+        pos = w % size
+        if pos + rec > size:
+            pad = size - pos
+            if w + pad > self._limit and w + pad > self.rescan():
+                return -1
+            _REC_pack(self._data, pos, pad - L.RECORD_HEADER, _KIND_PAD)
+            self._publish(w + pad)
+            # Wake sleepers even for a PAD: we may now wait for them to step
+            # over it, and they would otherwise sleep with it unread.
+            self.after_publish()
+            w += pad
+            pos = 0
+        if w + rec > self._limit and w + rec > self.rescan():
+            return -1
+        return pos
+
+    def _publish(self, w: int) -> None:
+        if w < self._w:  # consumers treat a shrinking index as corruption
+            raise AssertionError(f"write index would go back from {self._w} to {w}")
+        self._cw[_W_WRITE] = w  # the one store that makes records visible
+        self._w = w
+
+    def after_publish(self) -> None:
+        """Wake sleeping consumers.  Fence so our index store is visible
+        before we look at their flags (they store the flag, fence, re-check)."""
+        _fence_acquire()
+        _fence_release()
+        sleeping = self._cw[_W_SLEEPING]
+        if sleeping and self._wake is not None:
+            for slot in range(L.MAX_CONSUMERS):
+                if (sleeping >> (8 * slot)) & 0xFF:
+                    self._wake(slot)
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> bool:
+        """Copy one message in and publish it; False if the ring is full."""
+        if self._hw[_REVOKED]:
+            self.check()
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        if n > self.max_message:
+            raise self.too_large(n)
+        size = self.data_size
+        w = self._w
+        pos = w % size
+        end = w + L.RECORD_HEADER + ((n + 7) & ~7)
+        if end > self._limit or pos + (end - w) > size:
+            pos = self._room(n)
+            if pos < 0:
+                return False
+            w = self._w
+            end = w + L.RECORD_HEADER + ((n + 7) & ~7)
+        data_area = self._data
+        _REC_pack(data_area, pos, n, _KIND_MSG)
+        data_area[pos + 8 : pos + 8 + n] = data if type(data) is bytes else memoryview(data).cast("B")
+        cw = self._cw
+        cw[_W_WRITE] = end
+        self._w = end
+        # after_publish(), inlined: this is the hot path.
+        _fence_acquire()
+        _fence_release()
+        if cw[_W_SLEEPING] and self._wake is not None:
+            self.after_publish()
+        return True
+
+    def try_send_many(self, items: list[bytes | bytearray | memoryview], start: int) -> int:
+        """Publish as many of items[start:] as fit, with one publish and one wake; returns the count."""
+        self.check()
+        data_area = self._data
+        size = self.data_size
+        w0 = w = self._w
+        count = 0
+        max_message = self.max_message
+        limit = self._limit
+        for i in range(start, len(items)):
+            view = items[i]
+            if type(view) is bytes:
+                n = len(view)
+            else:
+                view = memoryview(view).cast("B")
+                n = view.nbytes
+            if n > max_message:
+                if w != w0:
+                    self._publish(w)
+                    self.after_publish()
+                raise self.too_large(n)
+            pos = w % size
+            end = w + 8 + ((n + 7) & ~7)
+            if end > limit or pos + (end - w) > size:
+                if w != self._w:
+                    self._publish(w)
+                pos = self._room(n)
+                w = self._w  # _room may have published a PAD: never go back before it
+                limit = self._limit
+                if pos < 0:
+                    break
+                end = w + 8 + ((n + 7) & ~7)
+            _REC_pack(data_area, pos, n, _KIND_MSG)
+            data_area[pos + 8 : pos + 8 + n] = view
+            w = end
+            count += 1
+        if w > self._w:
+            self._publish(w)
+        if self._w != w0:
+            self.after_publish()
+        return count
+
+    def try_reserve(self, n: int) -> memoryview | None:
+        """A writable view of ``n`` bytes in the ring, published by :meth:`commit`; None if full."""
+        self.check()
+        if n > self.max_message or n < 0:
+            raise self.too_large(n)
+        pos = self._room(n)
+        if pos < 0:
+            return None
+        return self._data[pos + 8 : pos + 8 + n]
+
+    def commit(self, n: int) -> None:
+        size = self.data_size
+        w = self._w
+        pos = w % size
+        _REC_pack(self._data, pos, n, _KIND_MSG)
+        self._publish(w + L.RECORD_HEADER + ((n + 7) & ~7))
+        self.after_publish()
+
+    def too_large(self, n: int) -> errors.MessageTooLarge:
+        return errors.MessageTooLarge(
+            f"message of {n} bytes exceeds channel {self.name!r}'s max_message of {self.max_message} bytes; "
+            "split it, or create the channel with a larger max_message"
+        )
+
+
+class RingConsumer(_Base):
+    """One consumer slot: reads every record after its cursor, then advances the cursor."""
+
+    def __init__(
+        self, payload: memoryview, header: memoryview, name: str, slot: int, wake_producer: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(payload, header, name)
+        self.check()
+        if not 0 <= slot < L.MAX_CONSUMERS:
+            raise errors.SegmentError(f"consumer slot {slot} of channel {name!r} is out of range")
+        self.slot = slot
+        self._slot_off = L.slot_offset(slot)
+        self._slot_word = self._slot_off >> 3
+        self._sleep_off = _OFF_SLEEPING + slot
+        r = self._cw[self._slot_off >> 3]
+        if r % L.ALIGN or r >= MAX_INDEX:
+            raise self.corrupt(f"read index {r}")
+        self._r = r
+        self._wc = r  # the last write index seen; records below it are published
+        self._wake_producer = wake_producer
+
+    def _load_write(self) -> int:
+        """Load and validate the producer's write index (untrusted, maybe wiped)."""
+        w = self._cw[_W_WRITE]
+        r = self._r
+        if w < r or w - r > self.data_size or w % L.ALIGN:
+            raise self.corrupt(f"write index {w} with read index {r}")
+        self._wc = w
+        return w
+
+    def next_record(self) -> tuple[int, int]:
+        """(offset in the data area, length) of the next message, or (-1, 0) if none.
+
+        Skips PAD records.  Validates every header so a corrupt or hostile
+        producer yields an error, never a read outside the data area."""
+        size = self.data_size
+        data = self._data
+        while True:
+            r = self._r
+            if r == self._wc and r == self._load_write():
+                if self._hw[_REVOKED]:
+                    self.check()
+                return -1, 0
+            pos = r % size
+            n, kind = _REC_unpack(data, pos)
+            if kind == _KIND_MSG:
+                end = r + L.RECORD_HEADER + ((n + 7) & ~7)
+                if n > self.max_message or pos + (end - r) > size or end > self._wc:
+                    raise self.corrupt(f"record of {n} bytes at index {r}")
+                return pos + L.RECORD_HEADER, n
+            if kind == _KIND_PAD and n == size - pos - L.RECORD_HEADER and r + size - pos <= self._wc:
+                self._r = r + size - pos
+                # Publish now: the producer may be waiting for exactly this
+                # step (a record that fits only after the PAD is consumed).
+                self.publish_cursor()
+                continue
+            raise self.corrupt(f"record kind {kind} at index {r}")
+
+    def consume(self, n: int) -> None:
+        """Advance past the current record (length ``n``) and publish the cursor."""
+        self._r += L.RECORD_HEADER + ((n + 7) & ~7)
+        self.publish_cursor()
+
+    def publish_cursor(self) -> None:
+        cw = self._cw
+        cw[self._slot_off >> 3] = self._r
+        # Store-then-load handshake with a producer that sleeps while full.
+        _fence_acquire()
+        _fence_release()
+        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
+            self._wake_producer()
+
+    def try_recv(self) -> bytes | None:
+        r = self._r
+        if r != self._wc:
+            # Fast path (inlined next_record for an ordinary record).
+            pos = r % self.data_size
+            n, kind = _REC_unpack(self._data, pos)
+            end = r + L.RECORD_HEADER + ((n + 7) & ~7)
+            if kind != _KIND_MSG or n > self.max_message or pos + (end - r) > self.data_size or end > self._wc:
+                pos, n = self.next_record()  # PADs, and errors with a clear message
+                if pos < 0:
+                    return None
+            else:
+                pos += L.RECORD_HEADER
+        else:
+            pos, n = self.next_record()
+            if pos < 0:
+                return None
+        out = bytes(self._data[pos : pos + n])
+        # Copy first, then check: a wipe sets the revoked word before it
+        # zeroes anything, so a copy that raced with a wipe is never returned.
+        if self._hw[_REVOKED]:
+            self.check()
+        self._r = r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
+        cw = self._cw
+        cw[self._slot_word] = r
+        _fence_acquire()
+        _fence_release()
+        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
+            self._wake_producer()
+        return out
+
+    def try_recv_many(self, max_count: int) -> list[bytes]:
+        """Up to max_count messages (possibly none) with one cursor store and one fence.
+
+        Small records are copied out of shared memory as one span and sliced
+        from that private copy (one copy per span instead of one per
+        message); anything unusual (PAD, a record larger than the span, a
+        corrupt header) takes the checked single-record path."""
+        out: list[bytes] = []
+        data = self._data
+        size = self.data_size
+        max_message = self.max_message
+        append = out.append
+        r = self._r
+        wc = self._wc
+        while len(out) < max_count:
+            if r == wc:
+                wc = self._load_write()  # validated against our published cursor, which is <= r
+                if r == wc:
+                    break
+            pos = r % size
+            span = min(wc - r, size - pos, _SPAN)
+            chunk = bytes(data[pos : pos + span])
+            off = 0
+            while off < span and len(out) < max_count:
+                n, kind = _REC_unpack(chunk, off) if span - off >= 8 else (0, 0)
+                rec_end = off + 8 + ((n + 7) & ~7)
+                if kind != _KIND_MSG or n > max_message or rec_end > span:
+                    break
+                append(chunk[off + 8 : off + 8 + n])
+                off = rec_end
+            r += off
+            if off == 0 and len(out) < max_count:
+                self._r = r  # PADs, big records and errors: the checked path
+                pos, n = self.next_record()
+                r = self._r  # it may have stepped over (and published) a PAD
+                if pos < 0:
+                    break
+                append(bytes(data[pos : pos + n]))
+                r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
+                wc = self._wc
+        if self._hw[_REVOKED]:
+            self.check()
+        if r < self._r:  # never move the cursor back: the producer may reuse what we stepped over
+            raise AssertionError(f"read index would go back from {self._r} to {r}")
+        if r != self._r or out:
+            self._r = r
+            self.publish_cursor()
+        return out
+
+    def view(self, pos: int, n: int) -> memoryview:
+        return self._data[pos : pos + n].toreadonly()
+
+    def set_sleeping(self, value: int) -> None:
+        self._ctrl[self._sleep_off] = value  # a single byte store: this consumer's own flag
+
+    def has_data(self) -> bool:
+        return self._r != self._wc or self._r != self._load_write() or self.revoked()

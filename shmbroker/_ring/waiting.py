@@ -1,0 +1,122 @@
+"""Waiting for a ring: spin briefly, then sleep in the kernel on an eventfd.
+
+Lost wake-ups are impossible by the classic flag-then-recheck handshake:
+
+* a waiter stores its "sleeping" flag, fences, re-checks the ring, and only
+  then sleeps in poll(2) on its eventfd;
+* a waker publishes its index, fences, then loads the flags and signals the
+  eventfd of every sleeper.
+
+With both fences, at least one side sees the other's store: either the
+waiter's re-check sees the new index (and does not sleep), or the waker sees
+the flag (and the eventfd counter stays non-zero until the waiter reads it,
+so a signal that arrives before poll() still wakes it).  The eventfd is
+level-triggered, so there is no window between the re-check and poll().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from .._sys import eventfd
+from .ring import fence
+
+# Spin this long before sleeping: about what one sleep + wake-up through
+# poll(2) and an eventfd costs from Python, so spinning longer cannot win
+# (the same reasoning as glibc's adaptive mutexes, which spin about as long
+# as a futex round trip).
+SPIN_SECONDS = 50e-6
+# A producer waiting for space re-checks at least this often even without a
+# wake-up: every consumer holds the producer's eventfd, so a hostile one
+# could read (steal) its wake-ups; this bounds the damage to a delay.
+# Consumers sleep without a bound: only the broker and the producer hold
+# their eventfds, and either can stall them anyway.
+PRODUCER_RECHECK_SECONDS = 0.05
+
+
+def _spin(ready: Callable[[], bool], deadline: float | None) -> bool:
+    """Busy-poll ``ready`` for up to SPIN_SECONDS (or until the deadline)."""
+    now = time.monotonic()
+    end = now + SPIN_SECONDS
+    if deadline is not None and deadline < end:
+        end = deadline
+    while True:
+        if ready():
+            return True
+        if time.monotonic() >= end:
+            return False
+
+
+def wait(
+    ready: Callable[[], bool],
+    set_flag: Callable[[int], None],
+    fd: int,
+    deadline: float | None,
+    max_sleep: float | None = None,
+) -> bool:
+    """Wait until ``ready()``; False once ``deadline`` (monotonic) passed.
+
+    ``set_flag(1)`` announces that we sleep on ``fd``; the waker signals
+    ``fd`` only when it sees the flag."""
+    if _spin(ready, deadline):
+        return True
+    while True:
+        set_flag(1)
+        try:
+            fence()
+            if ready():  # the re-check: the waker may have published before it could see our flag
+                return True
+            if deadline is None:
+                timeout = max_sleep
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return False
+                if max_sleep is not None and timeout > max_sleep:
+                    timeout = max_sleep
+            eventfd.wait(fd, timeout)
+            eventfd.drain(fd)
+        finally:
+            set_flag(0)
+        if ready():
+            return True
+
+
+async def wait_async(
+    ready: Callable[[], bool],
+    set_flag: Callable[[int], None],
+    fd: int,
+    deadline: float | None,
+    max_sleep: float | None = None,
+) -> bool:
+    """Like :func:`wait`, but yields to the event loop instead of sleeping in poll(2)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        if ready():
+            return True
+        set_flag(1)
+        try:
+            fence()
+            if ready():
+                return True
+            if deadline is None:
+                timeout = max_sleep
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return False
+                if max_sleep is not None and timeout > max_sleep:
+                    timeout = max_sleep
+            woken = loop.create_future()
+            loop.add_reader(fd, lambda: woken.done() or woken.set_result(None))
+            try:
+                await asyncio.wait_for(woken, timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+            eventfd.drain(fd)
+        finally:
+            set_flag(0)

@@ -1,0 +1,290 @@
+"""The ring algorithm without a broker: hypothesis drives one producer and a
+changing set of consumers over a real shared memory object (memfd), using the
+broker's own slot bookkeeping (pread/pwrite on the fd) for joins and leaves."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from shmbroker import errors
+from shmbroker._layout import HEADER_SIZE, REVOKED
+from shmbroker._ring import layout as L
+from shmbroker._ring.broker import RingState
+from shmbroker._ring.ring import RingConsumer, RingProducer
+
+SEQ = struct.Struct("<Q")
+
+
+def message(seq: int, size: int) -> bytes:
+    body = SEQ.pack(seq) + bytes([seq % 251]) * max(0, size - 8)
+    return body[:size] if size >= 8 else SEQ.pack(seq)
+
+
+class Segment:
+    """A header page plus payload in a memfd, mapped shared, as the broker lays it out."""
+
+    def __init__(self, payload_size: int, max_message: int) -> None:
+        self.fd = os.memfd_create("ring-model", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, HEADER_SIZE + payload_size)
+        self.map = mmap.mmap(self.fd, HEADER_SIZE + payload_size)
+        self.view = memoryview(self.map)
+        self.header = self.view[:HEADER_SIZE]
+        self.payload = self.view[HEADER_SIZE:]
+        self.state = RingState(self.fd, payload_size, max_message)
+
+    def close(self) -> None:
+        self.state.close()
+        self.header.release()
+        self.payload.release()
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            # A view is still referenced (e.g. by a frame of a traceback
+            # pytest.raises keeps); it is unmapped when collected.
+            pass
+        os.close(self.fd)
+
+
+class Member:
+    def __init__(self, seg: Segment, alone: bool) -> None:
+        self.slot, _, _ = seg.state.attach_consumer(self, "model")
+        self.ring = RingConsumer(seg.payload, seg.header, "model", self.slot)
+        # Joining live readers starts at the newest message; joining an
+        # unread ring starts at the oldest retained one, which we learn on
+        # the first receive.
+        self.expected: int | None = None if alone else -1
+
+
+class RingModel(RuleBasedStateMachine):
+    @initialize(
+        data_pages=st.integers(1, 2),
+        max_message=st.integers(8, 3000),
+    )
+    def setup(self, data_pages: int, max_message: int) -> None:
+        payload = L.CONTROL_SIZE + data_pages * 4096
+        max_message = min(max_message, L.data_size_for(payload) - L.RECORD_HEADER)
+        self.seg = Segment(payload, max_message)
+        self.max_message = max_message
+        self.producer = RingProducer(self.seg.payload, self.seg.header, "model")
+        self.sent = 0  # next sequence number
+        self.members: list[Member] = []
+        self.wraps = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "seg"):
+            for member in self.members:
+                member.ring.release()
+            self.producer.release()
+            self.seg.close()
+
+    def _caught_up(self) -> bool:
+        return all(m.ring._r == self.producer.write_index for m in self.members)
+
+    @rule(size=st.integers(8, 3000))
+    def send(self, size: int) -> None:
+        size = min(size, self.max_message)
+        was_empty = self._caught_up() and self.members
+        before = self.producer.write_index
+        ok = self.producer.try_send(message(self.sent, size))
+        if was_empty and not ok:
+            # Only possible when the record needs the start of the area and
+            # a PAD was published first: once every consumer stepped over it
+            # (a receive that finds nothing else), the send must succeed.
+            assert self.producer.write_index % self.producer.data_size == 0
+            for m in self.members:
+                assert m.ring.try_recv() is None
+            ok = self.producer.try_send(message(self.sent, size))
+            assert ok, "a send to a ring every consumer has drained must succeed"
+        if ok:
+            if before // self.producer.data_size != (self.producer.write_index - 1) // self.producer.data_size:
+                self.wraps += 1
+            for m in self.members:
+                if m.expected == -1:
+                    m.expected = self.sent
+            self.sent += 1
+
+    @rule(count=st.integers(1, 20), sizes=st.lists(st.integers(8, 600), min_size=1, max_size=20))
+    def send_many(self, count: int, sizes: list[int]) -> None:
+        items = [message(self.sent + i, min(s, self.max_message)) for i, s in enumerate(sizes[:count])]
+        done = self.producer.try_send_many(items, 0)
+        assert 0 <= done <= len(items)
+        if done:
+            for m in self.members:
+                if m.expected == -1:
+                    m.expected = self.sent
+        self.sent += done
+
+    @rule(size=st.integers(8, 3000), commit=st.booleans())
+    def reserve(self, size: int, commit: bool) -> None:
+        size = min(size, self.max_message)
+        view = self.producer.try_reserve(size)
+        if view is None:
+            return
+        view[:] = message(self.sent, size)
+        view.release()
+        if not commit:
+            return  # aborted: never published, overwritten by the next write
+        self.producer.commit(size)
+        for m in self.members:
+            if m.expected == -1:
+                m.expected = self.sent
+        self.sent += 1
+
+    @rule(size=st.integers(1, 10))
+    def too_large(self, size: int) -> None:
+        with pytest.raises(errors.MessageTooLarge, match="max_message"):
+            self.producer.try_send(bytes(self.max_message + size))
+
+    @precondition(lambda self: len(self.members) < L.MAX_CONSUMERS)
+    @rule()
+    def join(self) -> None:
+        self.members.append(Member(self.seg, alone=not self.members))
+
+    @precondition(lambda self: self.members)
+    @rule(index=st.integers(0, L.MAX_CONSUMERS - 1))
+    def leave(self, index: int) -> None:
+        member = self.members.pop(index % len(self.members))
+        self.seg.state.detach(member)
+        member.ring.release()
+
+    @precondition(lambda self: self.members)
+    @rule(index=st.integers(0, L.MAX_CONSUMERS - 1), batch=st.integers(1, 30))
+    def receive(self, index: int, batch: int) -> None:
+        member = self.members[index % len(self.members)]
+        for _ in range(batch):
+            got = member.ring.try_recv()
+            if got is None:
+                assert member.expected in (None, -1, self.sent), "a consumer missed messages"
+                if member.expected is not None:
+                    member.expected = -1
+                return
+            seq = SEQ.unpack_from(got)[0]
+            if member.expected is None:
+                assert seq < self.sent
+            else:
+                assert seq == member.expected, f"expected message {member.expected}, got {seq}"
+            assert got == message(seq, len(got)), "message bytes differ from what was sent"
+            member.expected = seq + 1
+
+    @precondition(lambda self: self.members)
+    @rule(index=st.integers(0, L.MAX_CONSUMERS - 1), batch=st.integers(1, 30))
+    def receive_many(self, index: int, batch: int) -> None:
+        member = self.members[index % len(self.members)]
+        got = member.ring.try_recv_many(batch)
+        assert len(got) <= batch
+        for msg in got:
+            seq = SEQ.unpack_from(msg)[0]
+            if member.expected is None:
+                assert seq < self.sent
+            else:
+                assert seq == member.expected, f"expected message {member.expected}, got {seq}"
+            assert msg == message(seq, len(msg)), "message bytes differ from what was sent"
+            member.expected = seq + 1
+        if len(got) < batch:
+            assert member.expected in (None, -1, self.sent), "a batch stopped early with messages left"
+            if member.expected is not None:
+                member.expected = -1
+
+    @rule()
+    def restart_producer(self) -> None:
+        # A new producer (after kill -9 of the old one) continues after every
+        # message already published.
+        w = self.producer.write_index
+        self.producer.release()
+        self.producer = RingProducer(self.seg.payload, self.seg.header, "model")
+        assert self.producer.write_index == w
+
+    @invariant()
+    def indices_consistent(self) -> None:
+        if not hasattr(self, "seg"):
+            return
+        w = self.producer.write_index
+        for m in self.members:
+            assert w - self.producer.data_size <= m.ring._r <= w
+
+
+RingModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestRingModel = RingModel.TestCase
+
+
+def test_revoked_segment_raises_on_next_operation() -> None:
+    seg = Segment(L.CONTROL_SIZE + 4096, 100)
+    try:
+        member = Member(seg, alone=True)
+        producer = RingProducer(seg.payload, seg.header, "model")
+        producer.try_send(b"x")
+        REVOKED.pack_into(seg.header, 32, 1)
+        with pytest.raises(errors.ChannelRevoked):
+            producer.try_send(b"y")
+        with pytest.raises(errors.ChannelRevoked):
+            member.ring.try_recv()
+        member.ring.release()
+        producer.release()
+    finally:
+        seg.close()
+
+
+def test_untrusted_indices_never_read_out_of_bounds() -> None:
+    """Garbage cursors and write indices give a clear error or a clamp, never an out-of-range access."""
+    seg = Segment(L.CONTROL_SIZE + 8192, 1000)
+    try:
+        member = Member(seg, alone=True)
+        producer = RingProducer(seg.payload, seg.header, "model")
+        assert producer.try_send(b"a" * 100)
+        # A hostile consumer claims to be far behind: the producer clamps it
+        # to "full" and refuses instead of overwriting or crashing.
+        L.U64.pack_into(seg.payload, L.slot_offset(member.slot), 2**63)
+        producer.rescan()
+        assert producer._limit <= producer.write_index + producer.data_size
+        # A corrupt write index is refused by the consumer with a clear error.
+        L.U64.pack_into(seg.payload, L.OFF_WRITE, 2**40 + 8)
+        with pytest.raises(errors.SegmentError, match="corrupt"):
+            member.ring.try_recv()
+        # A corrupt record header (length past the data area) likewise.
+        L.U64.pack_into(seg.payload, L.OFF_WRITE, producer.write_index)
+        struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 2**31 - 1, L.KIND_MSG)
+        L.U64.pack_into(seg.payload, L.slot_offset(member.slot), 0)
+        fresh = RingConsumer(seg.payload, seg.header, "model", member.slot)
+        with pytest.raises(errors.SegmentError, match="corrupt"):
+            fresh.try_recv()
+        struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 5, 77)
+        with pytest.raises(errors.SegmentError, match="kind 77"):
+            fresh.try_recv()
+        for r in (fresh, member.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
+    """A batch that ends on a PAD must leave (and publish) the cursor after
+    it: the producer may already reuse those bytes."""
+    seg = Segment(L.CONTROL_SIZE + 4096, 1000)
+    try:
+        fast, slow = Member(seg, alone=True), Member(seg, alone=False)
+        producer = RingProducer(seg.payload, seg.header, "model")
+        for i in range(4):
+            assert producer.try_send(message(i, 1000))
+        assert len(fast.ring.try_recv_many(10)) == 4
+        # The next record needs a PAD first, and does not fit after it
+        # while the slow consumer holds the start of the area.
+        assert not producer.try_send(message(4, 1000))
+        assert producer.write_index == 4096
+        assert fast.ring.try_recv_many(10) == []
+        assert fast.ring._r == 4096
+        assert L.U64.unpack_from(seg.payload, L.slot_offset(fast.slot))[0] == 4096
+        for m in (fast, slow):
+            m.ring.release()
+        producer.release()
+    finally:
+        seg.close()

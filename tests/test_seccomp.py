@@ -41,6 +41,11 @@ def test_enforced_broker_serves_the_full_flow(broker_factory: Any, landlock: str
             p.buf[:5] = b"hello"
             assert bytes(c.buf[:5]) == b"hello"
             b.status()
+    # Ring channels make the broker create eventfds and pread slots.
+    with ShmClient.attach("ring", "producer", socket_path=b.socket, size=65536, ring=True) as p, \
+         ShmClient.attach("ring", "consumer", socket_path=b.socket) as c:
+        p.send(b"through the ring")
+        assert c.recv(timeout=5) == b"through the ring"
     held = ShmClient.attach("panic", "producer", socket_path=b.socket, size=4096)
     b.proc.send_signal(signal.SIGUSR1)
     from conftest import wait_for

@@ -69,6 +69,7 @@ def trace(workdir: Path) -> str:
     config.write_text(
         f'[channels.live]\nsize = "64KiB"\nwipe_when = "producer_gone"\n\n'
         f'[channels.sealed]\nsize = "64KiB"\nbackend = "memfd"\n\n'
+        f'[channels.messages]\nsize = "64KiB"\nring = true\n\n'
         f"[[rules]]\nuids = [{os.getuid()}]\ncreate = true\n\n[status]\nuids = [{os.getuid()}]\n"
     )
     out = workdir / "strace.out"
@@ -136,6 +137,14 @@ def _exercise(sock: str, proc: subprocess.Popen[bytes]) -> int:
             ShmClient.status(socket_path=sock)
     with ShmClient.attach("sealed", "producer", socket_path=sock) as p:
         p.buf[:4] = b"seal"
+    # Ring channels: slots, eventfds, wake-ups, and a consumer leaving.
+    with ShmClient.attach("messages", "producer", socket_path=sock) as p, \
+         ShmClient.attach("messages", "consumer", socket_path=sock) as c:
+        p.send(b"ping")
+        assert c.recv(timeout=5) == b"ping"
+        ShmClient.attach("messages", "consumer", socket_path=sock).close()
+    with ShmClient.attach("demand-ring", "producer", socket_path=sock, size=65536, ring=True) as p:
+        p.send(b"kept for the first consumer")
     consumer = ShmClient.attach("live", "consumer", socket_path=sock)
     producer = ShmClient.attach("live", "producer", socket_path=sock)
     producer.close()  # liveness wipe

@@ -13,6 +13,7 @@ X86_64: dict[str, int] = {
     "epoll_ctl": 233,
     "epoll_pwait": 281,  # margin
     "epoll_wait": 232,
+    "eventfd2": 290,
     "exit": 60,  # margin
     "exit_group": 231,
     "fchmod": 91,
@@ -39,7 +40,7 @@ X86_64: dict[str, int] = {
     "newfstatat": 262,
     "openat": 257,
     "poll": 7,
-    "pread64": 17,  # margin
+    "pread64": 17,
     "pwrite64": 18,
     "read": 0,
     "readlink": 89,  # margin

@@ -102,6 +102,7 @@ class Session:
         self.attached_at: float | None = None
         self.outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self.close_after_flush = False
+        self.want_write = False  # registered for EVENT_WRITE: the socket buffer was full
 
     @property
     def uid(self) -> int:
@@ -364,6 +365,16 @@ class Broker:
             self._fail(session, m.Error("protocol", f"protocol error: {exc}"))
 
     def _process(self, session: Session) -> None:
+        # Replies are queued while the events of one read are handled and
+        # sent in one write: a pipelined hello+attach gets welcome+attached
+        # in a single sendmsg, so the client wakes once, not twice.
+        try:
+            self._process_events(session)
+        finally:
+            if session.outq and session.sock.fileno() >= 0:
+                self._flush(session)
+
+    def _process_events(self, session: Session) -> None:
         while session.sock.fileno() >= 0 and not session.close_after_flush:
             event = session.conn.next_event()
             if event is NEED_DATA:
@@ -405,31 +416,44 @@ class Broker:
     def _send(self, session: Session, message: m.Message, fds: list[int] | None = None) -> None:
         frame = session.conn.send(message)
         session.outq.append((memoryview(frame), list(fds or [])))
-        self._flush(session)
 
     def _flush(self, session: Session) -> None:
-        while session.outq:
-            data, fds = session.outq[0]
+        outq = session.outq
+        if len(outq) > 1 and sum(1 for _, fds in outq if fds) <= 1:
+            # One write for everything queued.  The fds ride with the first
+            # byte of the joined buffer, i.e. no later than the frame they
+            # belong to; the client collects fds as they arrive and claims
+            # them when that frame is parsed.
+            fds = [fd for _, frame_fds in outq for fd in frame_fds]
+            joined = memoryview(b"".join(bytes(data) for data, _ in outq))
+            outq.clear()
+            outq.append((joined, fds))
+        while outq:
+            data, fds = outq[0]
             try:
                 sent = fdpass.send_with_fds(session.sock, data, fds)
             except (BlockingIOError, InterruptedError):
-                self.selector.modify(session.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_session)
+                if not session.want_write:
+                    self.selector.modify(session.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_session)
+                    session.want_write = True
                 return
             except OSError:
                 self._close_session(session, recheck_identity=True)
                 return
             # SCM_RIGHTS travel with the first byte; never send them twice.
             if sent < len(data):
-                session.outq[0] = (data[sent:], [])
+                outq[0] = (data[sent:], [])
             else:
-                session.outq.popleft()
+                outq.popleft()
         if session.close_after_flush:
             self._close_session(session, recheck_identity=False)
             return
-        try:
-            self.selector.modify(session.sock, selectors.EVENT_READ, self._on_session)
-        except (KeyError, ValueError):
-            pass
+        if session.want_write:
+            session.want_write = False
+            try:
+                self.selector.modify(session.sock, selectors.EVENT_READ, self._on_session)
+            except (KeyError, ValueError):
+                pass
 
     def _fail(self, session: Session, error: m.Error) -> None:
         """Best-effort error reply, then close; a stalled peer never blocks us."""

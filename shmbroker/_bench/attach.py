@@ -89,13 +89,22 @@ class AttachBench:
 
     def latency(self, count: int) -> dict[str, Any]:
         """Consumer attach to an existing channel, then producer attach creating one."""
+        from .. import ShmClient
         from .workloads import samples
 
         figures: dict[str, Any] = {"attaches": count}
         for key, fn in (("latency_us", _attach_loop), ("create_latency_us", _create_loop)):
-            group = WorkerGroup(timeout=STALL_ALLOWANCE)
-            group.spawn("attach client", fn, self.broker.socket, count)
-            (result,) = group.run()
+            # A producer holds the channel while consumers come and go, so the
+            # join figure maps a live segment; without it every join would
+            # also create a segment and every close wipe it.
+            holder = ShmClient.attach(CHANNEL, "producer", socket_path=self.broker.socket) if fn is _attach_loop else None
+            try:
+                group = WorkerGroup(timeout=STALL_ALLOWANCE)
+                group.spawn("attach client", fn, self.broker.socket, count)
+                (result,) = group.run()
+            finally:
+                if holder is not None:
+                    holder.close()
             figures[key] = summarize_ns(samples(result["attach_ns"]))
         return figures
 

@@ -92,7 +92,7 @@ class _Subscribe(Receiver):
     def __init__(self, node: Any, service: Any, size: int) -> None:
         self.node = node
         self.service = service
-        self.subscriber = service.subscriber_builder().create()
+        self.subscriber = service.subscriber_builder().buffer_size(DEPTH).create()
         _wait_for(lambda: service.dynamic_config.number_of_publishers, "publisher")
         # Nothing is sent before the harness says go; this receive only
         # makes the subscriber connect to the publisher now.

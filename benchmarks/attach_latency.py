@@ -59,12 +59,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=1 << 20, help="segment size in bytes (default 1 MiB)")
+    parser.add_argument("--landlock", choices=("auto", "on", "off"), default="auto", help="passed to `shmbroker serve`")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="shmb-bench-"))
     sock = str(tmp / "run" / "broker.sock")
     broker = subprocess.Popen(
-        [sys.executable, "-m", "shmbroker", "serve", "--socket", sock, "--channel", f"{CHANNEL}:{args.size}"],
+        [sys.executable, "-m", "shmbroker", "serve", "--socket", sock, "--channel", f"{CHANNEL}:{args.size}",
+         "--landlock", args.landlock],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -102,7 +104,8 @@ def main() -> int:
         holder.close()
 
         print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, Linux {platform.release()}, Python {platform.python_version()}")
-        print(f"attach latency over {args.samples} attaches of a {args.size}-byte segment (connect to mapped):")
+        print(f"attach latency over {args.samples} attaches of a {args.size}-byte segment (connect to mapped, "
+              f"--landlock {args.landlock}):")
         print(f"  median {statistics.median(samples):.0f} us, p99 {percentile(samples, 0.99):.0f} us, "
               f"min {min(samples):.0f} us, max {max(samples):.0f} us")
         print(f"attach rate with {args.clients} concurrent client processes for {args.seconds:g} s: "

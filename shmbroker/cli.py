@@ -25,17 +25,20 @@ own executable, may attach; producers may create channels on demand.
 """
 
 
-def _channel_arg(text: str) -> tuple[str, int]:
+def _channel_arg(text: str) -> tuple[str, int, bool]:
     from ._broker.config import parse_size
     from ._wire.messages import valid_channel_name
 
-    name, sep, size = text.partition(":")
+    name, sep, rest = text.partition(":")
+    size, _, kind = rest.partition(":")
     if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:SIZE, e.g. frames:16MiB")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:SIZE or NAME:SIZE:ring, e.g. frames:16MiB")
     if not valid_channel_name(name):
         raise argparse.ArgumentTypeError(f"{name!r} is not a valid channel name (letters, digits, '.', '_', '-')")
+    if kind not in ("", "ring", "raw"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the kind after the size must be 'ring' or 'raw', not {kind!r}")
     try:
-        return name, parse_size(size)
+        return name, parse_size(size), kind == "ring"
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the broker in the foreground", description="Run the broker in the foreground until SIGTERM or SIGINT.")
     serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
     serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
-    serve.add_argument("--channel", metavar="NAME:SIZE", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB (repeatable)")
+    serve.add_argument("--channel", metavar="NAME:SIZE[:ring]", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB, or events:1MiB:ring for a message ring (repeatable)")
     serve.add_argument(
         "--landlock", choices=("auto", "on", "off"), default="auto",
         help="restrict the broker's filesystem access after startup: auto (if the kernel has Landlock), "
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
+    from ._ring.layout import check_geometry as ring_geometry_problem
+    from ._ring.layout import default_max_message as ring_max_message
     from ._broker.loop import Broker
     from ._broker.sandbox import Sandbox
     from ._paths import default_socket_path
@@ -100,10 +105,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     config = load_config(args.config) if args.config else default_config()
-    for name, size in args.channel:
+    for name, size, ring in args.channel:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
-        config.channels[name] = ChannelSpec(name=name, size=size)
+        max_message = None
+        if ring:
+            max_message = ring_max_message(size, None)
+            problem = ring_geometry_problem(size, max_message)
+            if problem:
+                raise errors.ConfigError(f"--channel {name}: {problem}")
+        config.channels[name] = ChannelSpec(name=name, size=size, ring=ring, max_message=max_message)
     try:
         activated = sdlisten.listen_socket()
     except sdlisten.ActivationError as exc:
@@ -153,7 +164,8 @@ def _print_status(status: dict[str, Any]) -> None:
     print("channels:" if status["channels"] else "channels: none")
     for ch in status["channels"]:
         state = f"generation {ch['generation']}, " + ("live" if ch["live"] else "no segment")
-        print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  ({state})")
+        kind = f"ring, messages up to {_fmt_size(ch['max_message'])}" if ch.get("ring") else "raw"
+        print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  {kind}  ({state})")
         for peer in ch["peers"]:
             print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}")
     counters = status["counters"]

@@ -77,3 +77,16 @@ def test_bad_channel_argument_is_a_usage_error(short_tmp: Path) -> None:
     assert proc.returncode == 2
     assert "NAME:SIZE" in proc.stderr or "frames" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_channel_option_declares_a_ring_channel(broker_factory: Any) -> None:
+    b = broker_factory("--channel", "events:1MiB:ring")
+    with ShmClient.attach("events", "consumer", socket_path=b.socket) as cons, \
+            ShmClient.attach("events", "producer", socket_path=b.socket) as prod:
+        prod.send(b"declared on the command line")
+        assert cons.recv(timeout=5) == b"declared on the command line"
+        text = shmbroker("status", "--socket", b.socket)
+    assert text.returncode == 0
+    assert "events" in text.stdout and "ring, messages up to" in text.stdout
+    status = b.status()
+    assert status["channels"][0]["ring"] is True

@@ -68,7 +68,10 @@ def _bootstrap(parent: int, conn: multiprocessing.connection.Connection, go: Any
         os._exit(1)
     # Ctrl-C goes to the whole foreground process group; the harness alone
     # decides, and kills us, so a worker never prints a KeyboardInterrupt.
+    # SIGINT was blocked across the fork (spawn()), so none can land before
+    # this line; a fork gets no pending signals, so unblocking is safe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     sync = Sync(conn, go, done)
     try:
         result = fn(sync, *args)
@@ -108,7 +111,14 @@ class WorkerGroup:
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         receiver, sender = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_bootstrap, args=(os.getpid(), sender, self.go, self.done, fn, args), name=name, daemon=True)
-        proc.start()
+        # A Ctrl-C between fork and the worker ignoring SIGINT would kill the
+        # worker with a KeyboardInterrupt inside multiprocessing's own exit
+        # path; blocked here, it reaches the harness once start() returns.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         # Closed before the next fork, so each pipe has exactly one writer
         # and a dead worker shows up as EOF.
         sender.close()

@@ -197,6 +197,10 @@ def _start_long_run(tmp_path: Path, marker: str, peer: str) -> subprocess.Popen[
         [sys.executable, "-m", "shmbroker", "bench", "--peers", peer, "--sizes", "4096", "--duration", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(marker), stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
+        # A shell without job control starts background commands with SIGINT
+        # ignored, and that survives exec: give the harness the default
+        # disposition a foreground job has, or it rightly ignores Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     # Wait until the measurement runs: the harness plus its two workers.

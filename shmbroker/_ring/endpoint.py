@@ -85,10 +85,7 @@ class Sender:
         try:
             yield view
         finally:
-            try:
-                view.release()
-            except BufferError:
-                pass
+            _release(view)
         # Only a clean exit gets here: an exception skips the commit, and the
         # bytes written so far stay unpublished (overwritten by the next send).
         ring.check()
@@ -168,10 +165,7 @@ class Receiver:
         try:
             yield view
         finally:
-            try:
-                view.release()
-            except BufferError:
-                pass
+            _release(view)
         # The producer cannot reuse the bytes until our cursor moves, so the
         # view was stable unless the broker revoked the channel meanwhile.
         ring.check()
@@ -285,3 +279,14 @@ class RingMethods:
 
     async def recv_async(self, timeout: float | None = None) -> bytes:
         return await self._receiver().recv_async(timeout)
+
+
+def _release(view: memoryview) -> None:
+    """Release a view handed to the caller.  A slice of it the caller kept
+    makes release() raise BufferError; that slice still points into the ring,
+    whose bytes the producer may reuse once the cursor moves.  That is the
+    caller's mistake, not a reason to fail the commit or consume."""
+    try:
+        view.release()
+    except BufferError:
+        pass

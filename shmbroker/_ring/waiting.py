@@ -49,6 +49,14 @@ def _spin(ready: Callable[[], bool], deadline: float | None) -> bool:
             return False
 
 
+
+def _sleep_budget(deadline: float | None, max_sleep: float | None) -> float | None:
+    """How long the next sleep may last: until the deadline, at most max_sleep; None is forever."""
+    if deadline is None:
+        return max_sleep
+    remaining = deadline - time.monotonic()
+    return remaining if max_sleep is None else min(remaining, max_sleep)
+
 def wait(
     ready: Callable[[], bool],
     set_flag: Callable[[int], None],
@@ -68,14 +76,9 @@ def wait(
             fence()
             if ready():  # the re-check: the waker may have published before it could see our flag
                 return True
-            if deadline is None:
-                timeout = max_sleep
-            else:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    return False
-                if max_sleep is not None and timeout > max_sleep:
-                    timeout = max_sleep
+            timeout = _sleep_budget(deadline, max_sleep)
+            if timeout is not None and timeout <= 0:
+                return False
             eventfd.wait(fd, timeout)
             eventfd.drain(fd)
         finally:
@@ -101,14 +104,9 @@ async def wait_async(
             fence()
             if ready():
                 return True
-            if deadline is None:
-                timeout = max_sleep
-            else:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    return False
-                if max_sleep is not None and timeout > max_sleep:
-                    timeout = max_sleep
+            timeout = _sleep_budget(deadline, max_sleep)
+            if timeout is not None and timeout <= 0:
+                return False
             woken = loop.create_future()
             loop.add_reader(fd, lambda: woken.done() or woken.set_result(None))
             try:

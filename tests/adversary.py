@@ -50,6 +50,12 @@ def write_config(directory: Path, body: str, *, name: str = "broker.toml") -> st
     return str(path)
 
 
+def _toml_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{key} = {'true' if value else 'false'}"
+    return f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value!r}"
+
+
 def policy_toml(
     *, uids: tuple[int, ...] = (0,), executables: tuple[str, ...] | None = (PYTHON,), limits: dict[str, Any] | None = None,
     channels: dict[str, dict[str, Any]] | None = None, socket_group: int | None = None,
@@ -66,7 +72,7 @@ def policy_toml(
         lines += [f"{k} = {v!r}" for k, v in limits.items()]
     for name, spec in (channels or {}).items():
         lines.append(f"[channels.{name}]")
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in spec.items()]
+        lines += [_toml_value(k, v) for k, v in spec.items()]
     lines.append("[status]")
     lines.append("uids = [0]")
     lines.append("[[rules]]")

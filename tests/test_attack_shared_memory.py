@@ -183,8 +183,9 @@ def _segment_fd(broker: Any) -> int:
             continue
         if "shmbroker" in target and ("/dev/shm/" in target or "memfd:" in target):
             fds.append(int(fd))
-    assert len(fds) == 1, fds
-    return fds[0]
+    # memfd segments also hold a read-only twin for consumers, opened second.
+    assert 1 <= len(fds) <= 2, fds
+    return min(fds)
 
 
 def test_non_root_cannot_open_the_brokers_segment_through_proc(sm_broker: Any) -> None:
@@ -269,3 +270,58 @@ def test_memfd_channel_carries_data_like_posix(broker_factory: Any, short_tmp: P
     # Released when the last peer left: a new producer sees a fresh, zeroed segment.
     with ShmClient.attach("ch", socket_path=broker.socket) as again:
         assert again.generation == 2 and bytes(again.buf[: len(SECRET)]) == bytes(len(SECRET))
+
+
+def _consumer_fd(socket_path: str, channel: str) -> tuple[RawPeer, int]:
+    """A consumer that keeps the segment fd the broker sends it."""
+    peer = RawPeer(socket_path)
+    peer.send(hello_attach(channel, role="consumer", size=None))
+    replies = peer.replies(timeout=0.5)
+    assert isinstance(replies[-1], m.Attached), replies
+    return peer, peer.fds[0]
+
+
+def _try_to_write(fd: int) -> list[str]:
+    """Every way a consumer could change the payload through its fd; the ones that worked."""
+    import mmap
+
+    worked = []
+    try:
+        with mmap.mmap(fd, HEADER_SIZE + 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            mm[HEADER_SIZE : HEADER_SIZE + 5] = b"owned"
+        worked.append("writable mmap")
+    except PermissionError:
+        pass
+    try:
+        os.pwrite(fd, b"owned", HEADER_SIZE)
+        worked.append("pwrite")
+    except OSError:
+        pass
+    return worked
+
+
+@pytest.mark.parametrize(
+    "backend, ring",
+    [
+        ("memfd", False),
+        pytest.param("posix", False, marks=pytest.mark.xfail(
+            strict=True, reason="a posix object has no read-only fd to give: a second open breaks the lease (docs/attacks.md, A6)")),
+        pytest.param("memfd", True, marks=pytest.mark.xfail(
+            strict=True, reason="ring consumers write their cursor into the segment (docs/ring.md)")),
+    ],
+)
+def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path, backend: str, ring: bool) -> None:
+    spec: dict[str, Any] = {"size": 65536, "backend": backend}
+    if ring:
+        spec["ring"] = True
+    b = broker_factory("--config", write_config(short_tmp, policy_toml(channels={"ch": spec})))
+    with ShmClient.attach("ch", "producer", socket_path=b.socket) as producer:
+        if not ring:
+            producer.buf[:6] = b"intact"
+        consumer, fd = _consumer_fd(b.socket, "ch")
+        try:
+            assert _try_to_write(fd) == []
+            if not ring:
+                assert bytes(producer.buf[:6]) == b"intact"
+        finally:
+            consumer.close()

@@ -497,8 +497,11 @@ class Broker:
         segment = channel.segment
         if segment is None:
             segment = self._new_segment(channel)
-        fds, fd_names, slot = [segment.fd], ("segment",), None
         ring = channel.ring
+        # Consumers of raw memfd channels get the read-only fd (see Segment);
+        # ring consumers must write their cursor into the segment.
+        read_only = request.role == "consumer" and ring is None and segment.readonly_fd >= 0
+        fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
         if ring is not None:
             if request.role == "producer":
                 other = ring.producer

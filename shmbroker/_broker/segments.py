@@ -61,6 +61,11 @@ class Segment:
         self.flags = flags
         self.backend = backend
         self.revoked = False
+        # memfd only: an O_RDONLY fd of the same object for consumers of raw
+        # channels, who then cannot map it writable or write to it at all.
+        # A posix object cannot have one: any second open, ours included,
+        # makes the write lease impossible.
+        self.readonly_fd = -1
 
     @classmethod
     def create(
@@ -106,6 +111,11 @@ class Segment:
         fd = memfd.memfd_create("shmbroker")
         segment = cls(fd, size, generation, flags, backend="memfd")
         try:
+            # Reopening through /proc/self/fd makes a new, read-only open
+            # file description (memfds have no lease to break).  Before the
+            # fchmod: a hardened broker has no CAP_DAC_OVERRIDE to open a
+            # mode-0 file, which is the point of mode 0.
+            segment.readonly_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
             # Mode 0 like the posix objects: nobody may open it by path, and
             # clients check the mode the same way for both backends.
             os.fchmod(fd, 0)
@@ -161,3 +171,6 @@ class Segment:
                 pass
         os.close(self.fd)
         self.fd = -1
+        if self.readonly_fd >= 0:
+            os.close(self.readonly_fd)
+            self.readonly_fd = -1

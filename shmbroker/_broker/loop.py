@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -415,7 +416,17 @@ class Broker:
 
     def _send(self, session: Session, message: m.Message, fds: list[int] | None = None) -> None:
         frame = session.conn.send(message)
-        session.outq.append((memoryview(frame), list(fds or [])))
+        # Queue duplicates, not the numbers: the reply may wait in the queue
+        # (the peer is not reading) while the segment is revoked and its fd
+        # closed, and the number reused for another channel's segment.
+        copies: list[int] = []
+        try:
+            for fd in fds or ():
+                copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
+        except BaseException:
+            fdpass.close_all(copies)
+            raise
+        session.outq.append((memoryview(frame), copies))
 
     def _flush(self, session: Session) -> None:
         outq = session.outq
@@ -434,13 +445,17 @@ class Broker:
                 sent = fdpass.send_with_fds(session.sock, data, fds)
             except (BlockingIOError, InterruptedError):
                 if not session.want_write:
-                    self.selector.modify(session.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_session)
+                    # Write interest only: a peer that does not read its
+                    # replies gets no more requests read, so the queue stays
+                    # bounded by what one read produced.
+                    self.selector.modify(session.sock, selectors.EVENT_WRITE, self._on_session)
                     session.want_write = True
                 return
             except OSError:
                 self._close_session(session, recheck_identity=True)
                 return
             # SCM_RIGHTS travel with the first byte; never send them twice.
+            fdpass.close_all(fds)
             if sent < len(data):
                 outq[0] = (data[sent:], [])
             else:
@@ -474,6 +489,8 @@ class Broker:
             pass
         session.sock.close()
         session.peer.close()
+        for _, fds in session.outq:
+            fdpass.close_all(fds)
         session.outq.clear()
 
     # -- attachments -------------------------------------------------------
@@ -503,12 +520,17 @@ class Broker:
         read_only = request.role == "consumer" and ring is None and segment.readonly_fd >= 0
         fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
         if ring is not None:
-            if request.role == "producer":
-                other = ring.producer
-                describe = f"pid {other.peer.identity.pid}" if isinstance(other, Session) else "another peer"
-                ring_fds, ring_names = ring.attach_producer(session, channel.name, describe)
-            else:
-                slot, ring_fds, ring_names = ring.attach_consumer(session, channel.name)
+            try:
+                if request.role == "producer":
+                    other = ring.producer
+                    describe = f"pid {other.peer.identity.pid}" if isinstance(other, Session) else "another peer"
+                    ring_fds, ring_names = ring.attach_producer(session, channel.name, describe)
+                else:
+                    slot, ring_fds, ring_names = ring.attach_consumer(session, channel.name)
+            except BaseException:
+                if not channel.sessions:  # a segment made for this refused attach: wipe it now
+                    self._release_segment(channel)
+                raise
             fds, fd_names = fds + ring_fds, fd_names + ring_names
         channel.sessions.add(session)
         session.channel, session.segment, session.role, session.ring = channel, segment, request.role, ring
@@ -629,8 +651,17 @@ class Broker:
         segment = channel.segment
         if segment is None:
             return
-        segment.wipe()
-        self.events.count("segments_wiped")
+        try:
+            segment.wipe()
+            self.events.count("segments_wiped")
+        except OSError as exc:
+            # e.g. ENOSPC restoring a truncated segment's pages: the object
+            # is still closed below and never handed out again; peers keep
+            # what they mapped, which is why this is a security event.
+            self.events.record(
+                "wipe_failed", f"could not wipe the segment of channel {channel.name!r}: {exc.strerror or exc}",
+                channel=channel.name,
+            )
         self._close_ring(channel)
         segment.close()
         channel.segment = None
@@ -665,33 +696,22 @@ class Broker:
                 # A peer ftruncate()d an unsealable (posix) segment.  Wiping
                 # by pwrite restores the size, so peers that have not touched
                 # the mapping yet see a revoked segment instead of SIGBUS.
-                segment.wipe()
-                self.events.record(
-                    "segment_truncated",
-                    f"segment of channel {channel.name!r} (generation {segment.generation}) was truncated "
-                    "by a peer holding it; size restored, wiped and revoked (use backend = \"memfd\" to seal it)",
-                    channel=channel.name,
+                kind, detail = "segment_truncated", (
+                    "was truncated by a peer holding it; size restored, wiped and revoked "
+                    '(use backend = "memfd" to seal it)'
                 )
-                self.events.count("segments_wiped")
-                segment.close()
-                channel.segment = None
+            elif not segment.lease_intact():
+                # Someone open()ed the unlinked object (root through
+                # /proc/PID/fd/N).  _revoke wipes before it releases the lease:
+                # the opener's open() is blocked until then, so it sees zeros.
+                kind, detail = "lease_broken", "was opened or truncated by another process; wiped and revoked"
+            else:
                 continue
-            if segment.lease_intact():
-                continue
-            # Someone open()ed or truncated the unlinked object (root through
-            # /proc/PID/fd/N).  Wipe before releasing the lease: the opener's
-            # open() is blocked until then, so all it can ever see is zeros.
-            segment.wipe()
             self.events.record(
-                "lease_broken",
-                f"segment of channel {channel.name!r} (generation {segment.generation}) was opened or truncated "
-                "by another process; wiped and revoked",
+                kind, f"segment of channel {channel.name!r} (generation {segment.generation}) {detail}",
                 channel=channel.name,
             )
-            self.events.count("segments_wiped")
-            self._close_ring(channel)
-            segment.close()
-            channel.segment = None
+            self._revoke(channel)
 
     def panic(self) -> None:
         """SIGUSR1: wipe and revoke every segment at once."""

@@ -245,6 +245,7 @@ class Attachment(RingMethods):
             if self._ring is not None:
                 self._unbind_ring_fast_paths()
                 self._ring.close()
+                self._ring = None  # later calls say "closed", not "released memoryview"
             fdpass.close_all(self._ring_fds)
             self._ring_fds = []
             for view in (self.buf, self._header):

@@ -105,17 +105,12 @@ class RingState:
                     self._write_byte(L.OFF_SLEEPING + slot, 0)
                 except OSError as exc:
                     log.warning("could not free consumer slot %d: %s", slot, exc.strerror)
-                # The producer may be waiting for exactly this consumer.
-                eventfd.signal(self.producer_efd)
-
-    def wake_all(self) -> None:
-        """After a wipe: every sleeper wakes, re-checks and sees the revoked word."""
-        for fd in (self.producer_efd, *self.consumer_efds):
-            if fd >= 0:
-                eventfd.signal(fd)
+                # No eventfd signal to the producer waiting for this consumer:
+                # it re-checks on its own (PRODUCER_RECHECK_SECONDS), and the
+                # broker never writes to an eventfd a peer holds (waiting.py).
 
     def close(self) -> None:
-        self.wake_all()
+        # Sleepers learn of the revocation by their periodic re-check.
         fdpass.close_all([fd for fd in (self.producer_efd, *self.consumer_efds) if fd >= 0])
         self.producer_efd = -1
         self.consumer_efds = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 from .. import errors
@@ -21,9 +20,11 @@ def expected_fd_names(reply: m.Attached) -> tuple[str, ...]:
 def take_ring_fds(reply: m.Attached, fds: list[int]) -> list[int]:
     """Remove and return the ring's eventfds from ``fds`` (leaving the segment).
 
-    Fails closed: any surprise (names, count, an fd that is not a
-    non-blocking eventfd, a consumer without a valid slot) closes every fd
-    received and raises."""
+    Fails closed: any surprise (names, count, an fd that is not an eventfd,
+    a consumer without a valid slot) closes every fd received and raises.
+    O_NONBLOCK is not checked: it belongs to the open file description every
+    holder shares, so a former peer can clear it at any time; every eventfd
+    operation here works whatever the flag says (_sys/eventfd.py)."""
     try:
         expected = expected_fd_names(reply)
         if reply.fds != expected or len(fds) != len(expected):
@@ -35,8 +36,6 @@ def take_ring_fds(reply: m.Attached, fds: list[int]) -> list[int]:
         for fd in fds[1:]:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
                 raise errors.ProtocolError("the broker sent a wake-up fd that is not an eventfd; refusing it")
-            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
-                raise errors.ProtocolError("the broker sent a blocking eventfd; refusing it")
     except BaseException:
         fdpass.close_all(fds)
         fds.clear()

@@ -11,7 +11,7 @@ from .. import errors
 from .._sys import eventfd
 from . import layout as L
 from .ring import RingConsumer, RingProducer
-from .waiting import PRODUCER_RECHECK_SECONDS, wait, wait_async
+from .waiting import CONSUMER_RECHECK_SECONDS, PRODUCER_RECHECK_SECONDS, wait, wait_async
 
 Buffer = bytes | bytearray | memoryview
 
@@ -125,7 +125,7 @@ class Receiver:
             return pos, n
         deadline = _deadline(timeout)
         while True:
-            if not wait(ring.has_data, ring.set_sleeping, self._fd, deadline):
+            if not wait(ring.has_data, ring.set_sleeping, self._fd, deadline, CONSUMER_RECHECK_SECONDS):
                 raise self._empty(timeout)
             pos, n = ring.next_record()
             if pos >= 0:
@@ -138,7 +138,9 @@ class Receiver:
             return data
         self._next(timeout)
         data = ring.try_recv()
-        assert data is not None
+        if data is None:  # _next found a record; only a revocation in between removes it
+            ring.check()
+            raise errors.SegmentError(f"channel {ring.name!r}: a record vanished between two reads")
         return data
 
     def recv_into(self, buffer: Any, timeout: float | None = None) -> int:
@@ -172,6 +174,10 @@ class Receiver:
         ring.consume(n)
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[bytes]:
+        # Checked here, not only in the Attachment wrapper: the attachment
+        # binds this method directly as its fast path.
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
         ring = self.ring
         out = ring.try_recv_many(max_count)
         while not out:
@@ -186,7 +192,7 @@ class Receiver:
             data = ring.try_recv()
             if data is not None:
                 return data
-            if not await wait_async(ring.has_data, ring.set_sleeping, self._fd, deadline):
+            if not await wait_async(ring.has_data, ring.set_sleeping, self._fd, deadline, CONSUMER_RECHECK_SECONDS):
                 raise self._empty(timeout)
 
     def close(self) -> None:

@@ -31,9 +31,14 @@ SPIN_SECONDS = 50e-6
 # A producer waiting for space re-checks at least this often even without a
 # wake-up: every consumer holds the producer's eventfd, so a hostile one
 # could read (steal) its wake-ups; this bounds the damage to a delay.
-# Consumers sleep without a bound: only the broker and the producer hold
-# their eventfds, and either can stall them anyway.
 PRODUCER_RECHECK_SECONDS = 0.05
+# A sleeping consumer re-checks the ring (and the revoked word) at least this
+# often.  The broker never writes to an eventfd a peer holds: a peer can
+# clear O_NONBLOCK on it and fill the counter, and the broker's write would
+# then block the whole broker.  So a revocation, or a slot freed behind a
+# producer, reaches sleepers through these re-checks instead: two wake-ups a
+# second cost an idle channel nothing measurable.
+CONSUMER_RECHECK_SECONDS = 0.5
 
 
 def _spin(ready: Callable[[], bool], deadline: float | None) -> bool:

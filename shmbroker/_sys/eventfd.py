@@ -16,7 +16,18 @@ def create() -> int:
 
 
 def signal(fd: int) -> None:
-    """Add one to the counter; a full counter (2**64-2) already means 'wake up'."""
+    """Add one to the counter, never blocking on a counter that is already full.
+
+    The fd is shared with other peers, and any of them can clear O_NONBLOCK
+    on it (the flag belongs to the shared open file description); a write to
+    a full counter would then block.  A full counter already means "wake up",
+    so skip the write when poll() says it would block.  A peer racing this
+    check can still stall the writer: the broker therefore never signals an
+    eventfd a peer holds (docs/ring.md)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(0):
+        return
     try:
         os.write(fd, _ONE)
     except BlockingIOError:
@@ -24,9 +35,12 @@ def signal(fd: int) -> None:
 
 
 def drain(fd: int) -> None:
-    """Reset the counter to zero so the next poll() sleeps until a new signal."""
+    """Reset the counter to zero so the next poll() sleeps until a new signal.
+
+    RWF_NOWAIT makes the read non-blocking whatever the shared O_NONBLOCK
+    flag says, so a peer that cleared it cannot make us block here."""
     try:
-        os.read(fd, 8)
+        os.preadv(fd, [bytearray(8)], -1, os.RWF_NOWAIT)
     except BlockingIOError:
         pass
 

@@ -41,6 +41,7 @@ X86_64: dict[str, int] = {
     "openat": 257,
     "poll": 7,
     "pread64": 17,
+    "preadv2": 327,
     "pwrite64": 18,
     "read": 0,
     "readlink": 89,  # margin

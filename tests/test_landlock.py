@@ -120,3 +120,26 @@ def test_landlocked_broker_leaves_nothing_behind(broker_factory: Any) -> None:
     b.proc.send_signal(signal.SIGTERM)
     assert b.proc.wait(10) == 0
     assert not os.path.exists(os.path.dirname(b.socket)), "socket directory left behind"
+
+
+def test_inspector_never_takes_a_late_answer_for_the_next_question() -> None:
+    """After a timeout the answer for an earlier peer may still arrive; it must
+    not be read as the answer about the next peer (found in review)."""
+    import subprocess
+    import sys
+
+    from shmbroker._broker import inspector as insp
+
+    other = subprocess.Popen(["sleep", "30"])
+    ex = insp.ExeInspector.start()
+    try:
+        # A question whose answer nobody waited for, as after a timeout: about us.
+        ex.sock.send(insp._REQUEST.pack(10_000, os.getpid()))
+        dev, ino, path = ex.exe(other.pid)
+        sleep_exe = os.stat(f"/proc/{other.pid}/exe")
+        assert (dev, ino) == (sleep_exe.st_dev, sleep_exe.st_ino)
+        assert (dev, ino) != (os.stat(sys.executable).st_dev, os.stat(sys.executable).st_ino)
+    finally:
+        ex.close()
+        other.kill()
+        other.wait()

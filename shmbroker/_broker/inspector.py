@@ -31,13 +31,17 @@ import os
 import signal
 import socket
 import struct
+import time
 
 from .._sys import prctl as sysprctl
 
 log = logging.getLogger(__name__)
 
-_REQUEST = struct.Struct("<i")
-_REPLY = struct.Struct("<iQQ")
+# Every request carries a sequence number that its reply echoes: after a
+# timeout the late answer for an earlier peer must never be taken as the
+# answer for the next one (that peer would be judged by someone else's exe).
+_REQUEST = struct.Struct("<Qi")
+_REPLY = struct.Struct("<QiQQ")
 MAX_REPLY = _REPLY.size + 4096  # PATH_MAX
 # A stat and a readlink in /proc: far below a second even on a loaded machine.
 # On timeout the peer is rejected (fail closed), never admitted.
@@ -52,6 +56,7 @@ class ExeInspector:
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.pid = pid
+        self._seq = 0
 
     @classmethod
     def start(cls, seccomp_mode: str | None = None) -> ExeInspector:
@@ -73,14 +78,23 @@ class ExeInspector:
 
     def exe(self, pid: int) -> tuple[int, int, str]:
         """(st_dev, st_ino, path) of pid's executable; OSError as os.stat would raise."""
+        self._seq += 1
+        deadline = time.monotonic() + REPLY_TIMEOUT
         try:
-            self.sock.send(_REQUEST.pack(pid))
-            data = self.sock.recv(MAX_REPLY)
+            self.sock.send(_REQUEST.pack(self._seq, pid))
+            while True:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.sock.recv(MAX_REPLY)
+                if len(data) < _REPLY.size:
+                    raise InspectorError(errno.EIO, "exe inspector is gone; peers cannot be verified until the broker restarts")
+                seq, err, dev, ino = _REPLY.unpack_from(data)
+                if seq == self._seq:
+                    break
+                log.warning("discarded a late exe-inspector answer (request %d, now at %d)", seq, self._seq)
+        except InspectorError:
+            raise
         except OSError as exc:
             raise InspectorError(errno.EIO, f"exe inspector unavailable ({exc.strerror or exc})") from None
-        if len(data) < _REPLY.size:
-            raise InspectorError(errno.EIO, "exe inspector is gone; peers cannot be verified until the broker restarts")
-        err, dev, ino = _REPLY.unpack_from(data)
         if err:
             raise OSError(err, os.strerror(err))
         return dev, ino, data[_REPLY.size:].decode(errors="replace")
@@ -116,12 +130,13 @@ def _serve(sock: socket.socket, parent: int, seccomp_mode: str | None) -> None: 
         data = sock.recv(_REQUEST.size)
         if not data:
             return
-        sock.send(_inspect(_REQUEST.unpack(data)[0] if len(data) == _REQUEST.size else -1))
+        seq, pid = _REQUEST.unpack(data) if len(data) == _REQUEST.size else (0, -1)
+        sock.send(_inspect(seq, pid))
 
 
-def _inspect(pid: int) -> bytes:  # pragma: no cover - child process
+def _inspect(seq: int, pid: int) -> bytes:  # pragma: no cover - child process
     if pid <= 0:
-        return _REPLY.pack(errno.EINVAL, 0, 0)
+        return _REPLY.pack(seq, errno.EINVAL, 0, 0)
     try:
         st = os.stat(f"/proc/{pid}/exe")
         try:
@@ -129,5 +144,5 @@ def _inspect(pid: int) -> bytes:  # pragma: no cover - child process
         except OSError:
             path = "?"
     except OSError as exc:
-        return _REPLY.pack(exc.errno or errno.EIO, 0, 0)
-    return _REPLY.pack(0, st.st_dev, st.st_ino) + path.encode(errors="surrogateescape")[:4096]
+        return _REPLY.pack(seq, exc.errno or errno.EIO, 0, 0)
+    return _REPLY.pack(seq, 0, st.st_dev, st.st_ino) + path.encode(errors="surrogateescape")[:4096]

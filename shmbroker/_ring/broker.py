@@ -88,6 +88,16 @@ class RingState:
         os.pwrite(self.fd, L.U64.pack(start), HEADER_SIZE + L.slot_offset(slot))
         self._write_byte(L.OFF_SLEEPING + slot, 0)
         self._write_byte(L.OFF_MEMBERS + slot, 1)  # after the cursor: the producer trusts members' cursors
+        if alone:
+            # The producer may have raised LOW (from the departed consumer's
+            # cursor) after we read it; it re-reads the membership after that
+            # store, and we re-read LOW after ours: one of us sees the other.
+            # The consumer has not been told its slot yet, so moving its
+            # cursor forward here is safe.
+            now = self._read_u64(L.OFF_LOW)
+            now = min(now - now % L.ALIGN, MAX_INDEX - L.ALIGN)
+            if now > start:
+                os.pwrite(self.fd, L.U64.pack(now), HEADER_SIZE + L.slot_offset(slot))
         self.slots[slot] = session
         eventfd.drain(self.consumer_efds[slot])
         return slot, [self.consumer_efds[slot], self.producer_efd], CONSUMER_FD_NAMES

@@ -132,22 +132,32 @@ class RingProducer(_Base):
         cw = self._cw
         w = self._w
         size = self.data_size
-        members = cw[_W_MEMBERS]
-        low = None
-        if members:
-            floor = w - size if w > size else 0
-            for slot in range(L.MAX_CONSUMERS):
-                if (members >> (8 * slot)) & 0xFF:
-                    r = cw[L.slot_offset(slot) >> 3]
-                    r = floor if r < floor else (w if r > w else r)
-                    if low is None or r < low:
-                        low = r
-        if low is not None and low > self._low:
-            self._low = low
-            cw[_W_LOW] = low
-        # No consumer: keep what was published for the first one to join,
-        # and block when that fills the ring (never drop silently).
-        self._limit = self._low + size
+        floor = w - size if w > size else 0
+        while True:
+            members = cw[_W_MEMBERS]
+            low = None
+            if members:
+                for slot in range(L.MAX_CONSUMERS):
+                    if (members >> (8 * slot)) & 0xFF:
+                        r = cw[L.slot_offset(slot) >> 3]
+                        r = floor if r < floor else (w if r > w else r)
+                        if low is None or r < low:
+                            low = r
+            if low is not None and low > self._low:
+                self._low = low
+                cw[_W_LOW] = low
+            # A lone consumer may have joined at the old LOW while we read
+            # the departed one's cursor: re-read the membership after
+            # publishing LOW (store, fence, load; the broker mirrors it in
+            # RingState.attach_consumer) and start over if it changed.
+            fence()
+            if cw[_W_MEMBERS] == members:
+                break
+        # With consumers, the slowest one bounds us, even below LOW (a
+        # newcomer that started at the LOW it read before we raised it).
+        # Without: keep what was published for the first one to join, and
+        # block when that fills the ring (never drop silently).
+        self._limit = (low if low is not None else self._low) + size
         return self._limit
 
     def _room(self, n: int) -> int:

@@ -15,8 +15,7 @@ from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OF
 from ._paths import default_socket_path
 from ._ring.client import take_ring_fds
 from ._ring.endpoint import Receiver, RingMethods, Sender
-from ._ring.layout import check_geometry as ring_geometry_problem
-from ._ring.layout import default_max_message as ring_max_message
+from ._ring.layout import resolve_max_message
 from ._sys import fdpass, memfd
 from ._sys.mapping import Mapping
 from ._wire import messages as m
@@ -308,9 +307,10 @@ class ShmClient:
         if max_message is not None and (not ring or size is None):
             raise ValueError("max_message= only applies when creating a ring channel (size=..., ring=True)")
         if ring and size is not None:
-            problem = ring_geometry_problem(size, ring_max_message(size, max_message))
-            if problem:
-                raise ValueError(f"cannot create ring channel {channel!r}: {problem}")
+            try:
+                resolve_max_message(size, max_message)
+            except ValueError as exc:
+                raise ValueError(f"cannot create ring channel {channel!r}: {exc}") from None
         if harden:
             from .hardening import harden_process
 

@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
-    from ._ring.layout import check_geometry as ring_geometry_problem
-    from ._ring.layout import default_max_message as ring_max_message
+    from ._ring.layout import resolve_max_message
     from ._broker.loop import Broker
     from ._broker.sandbox import Sandbox
     from ._paths import default_socket_path
@@ -108,12 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
     for name, size, ring in args.channel:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
-        max_message = None
-        if ring:
-            max_message = ring_max_message(size, None)
-            problem = ring_geometry_problem(size, max_message)
-            if problem:
-                raise errors.ConfigError(f"--channel {name}: {problem}")
+        try:
+            max_message = resolve_max_message(size, None) if ring else None
+        except ValueError as exc:
+            raise errors.ConfigError(f"--channel {name}: {exc}") from None
         config.channels[name] = ChannelSpec(name=name, size=size, ring=ring, max_message=max_message)
     try:
         activated = sdlisten.listen_socket()

@@ -19,8 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
-from .._ring.layout import check_geometry as ring_geometry_problem
-from .._ring.layout import default_max_message as ring_max_message
+from .._ring.layout import resolve_max_message
 from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
 
 # posix: leased shm_open object (detects openers); memfd: sealed (stops
@@ -174,10 +173,10 @@ class _Parser:
                 except ValueError as exc:
                     raise self.fail(f"{key}.max_message", str(exc)) from None
             if ring:
-                max_message = ring_max_message(size, max_message)
-                problem = ring_geometry_problem(size, max_message)
-                if problem:
-                    raise self.fail(f"{key}.max_message" if "max_message" in body else f"{key}.size", problem)
+                try:
+                    max_message = resolve_max_message(size, max_message)
+                except ValueError as exc:
+                    raise self.fail(f"{key}.max_message" if "max_message" in body else f"{key}.size", str(exc)) from None
             specs[name] = ChannelSpec(
                 name=name, size=size, backend=backend, wipe_when=wipe_when, ring=ring, max_message=max_message
             )

@@ -24,8 +24,7 @@ from typing import Any
 from .. import __version__
 from .._layout import FLAG_RING, LAYOUT_VERSION
 from .._ring.broker import RingState
-from .._ring.layout import check_geometry as ring_geometry_problem
-from .._ring.layout import default_max_message as ring_max_message
+from .._ring.layout import resolve_max_message
 from .._sys import fdpass
 from .._sys.peercred import peer_credentials
 from .._sys.sdnotify import Notifier
@@ -141,6 +140,7 @@ class Broker:
         self._old_handlers: dict[int, Any] = {}
         self._bytes_by_uid: collections.Counter[int] = collections.Counter()
         self._segments_by_uid: collections.Counter[int] = collections.Counter()
+        self._next_sweep = 0.0  # monotonic time of the next lease/truncation check
 
     # -- lifecycle ---------------------------------------------------------
     def run(self) -> None:
@@ -203,13 +203,19 @@ class Broker:
         now = time.monotonic()
         deadlines = [s.deadline for s in self.sessions.values() if s.deadline is not None]
         ping = self.notifier.seconds_until_ping(now)
-        timeout = min([TICK_SECONDS, *(d - now for d in deadlines), *([ping] if ping is not None else [])])
+        timeout = min([self._next_sweep - now, *(d - now for d in deadlines), *([ping] if ping is not None else [])])
         for key, mask in self.selector.select(max(timeout, 0.0)):
             key.data(key, mask)
+        now = time.monotonic()
         # From the loop itself: a stuck loop must stop the pings.
-        self.notifier.tick(time.monotonic())
+        self.notifier.tick(now)
         self._expire_deadlines()
-        self._check_leases()
+        # Two syscalls per live segment: on every SIGIO (a lease break) and
+        # once a tick (truncation, which raises no signal, and any SIGIO
+        # lost to coalescing), not after every event.
+        if now >= self._next_sweep:
+            self._next_sweep = now + TICK_SECONDS
+            self._check_leases()
 
     def _on_signal(self, key: selectors.SelectorKey, mask: int) -> None:
         try:
@@ -223,7 +229,8 @@ class Broker:
             log.info("received %s; shutting down", ", ".join(signal.Signals(s).name for s in sorted(signums & {signal.SIGTERM, signal.SIGINT})))
             self._running = False
             self.notifier.stopping()
-        # SIGIO (and anything else): leases are checked after every iteration.
+        if signal.SIGIO in signums:
+            self._next_sweep = 0.0  # a lease broke: find and wipe it before the opener's open() returns
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -575,10 +582,10 @@ class Broker:
             )
         max_message = None
         if request.ring:
-            max_message = ring_max_message(request.size, request.max_message)
-            problem = ring_geometry_problem(request.size, max_message)
-            if problem:
-                raise LimitExceeded(f"cannot create ring channel {request.channel!r}: {problem}")
+            try:
+                max_message = resolve_max_message(request.size, request.max_message)
+            except ValueError as exc:
+                raise LimitExceeded(f"cannot create ring channel {request.channel!r}: {exc}") from None
         elif request.max_message is not None:
             raise LimitExceeded("max_message applies to ring channels only; pass ring=True")
         spec = ChannelSpec(name=request.channel, size=request.size, ring=request.ring, max_message=max_message)

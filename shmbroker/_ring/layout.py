@@ -128,6 +128,17 @@ def default_max_message(payload_size: int, requested: int | None) -> int:
     return max(1, min(DEFAULT_MAX_MESSAGE, quarter))
 
 
+def resolve_max_message(payload_size: int, requested: int | None) -> int:
+    """The max_message a ring of this size gets (the default when None);
+    ValueError saying why when the pair cannot work.  Every place that
+    creates a ring channel (config, --channel, attach) goes through here."""
+    max_message = default_max_message(payload_size, requested)
+    problem = check_geometry(payload_size, max_message)
+    if problem:
+        raise ValueError(problem)
+    return max_message
+
+
 # Peers access shared words as native u64 items (see ring.py), which equal
 # the little-endian layout only on little-endian hosts.
 if sys.byteorder != "little":  # pragma: no cover

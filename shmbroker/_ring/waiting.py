@@ -54,13 +54,13 @@ def _spin(ready: Callable[[], bool], deadline: float | None) -> bool:
             return False
 
 
-
 def _sleep_budget(deadline: float | None, max_sleep: float | None) -> float | None:
     """How long the next sleep may last: until the deadline, at most max_sleep; None is forever."""
     if deadline is None:
         return max_sleep
     remaining = deadline - time.monotonic()
     return remaining if max_sleep is None else min(remaining, max_sleep)
+
 
 def wait(
     ready: Callable[[], bool],

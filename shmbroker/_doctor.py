@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -25,9 +24,6 @@ from collections.abc import Callable
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _EXIT = {OK: 0, WARN: 1, FAIL: 2}
-_F_ADD_SEALS = 1033
-_F_GET_SEALS = 1034
-_F_SEAL_SHRINK, _F_SEAL_GROW = 0x0002, 0x0004
 
 
 @dataclasses.dataclass
@@ -130,20 +126,22 @@ def check_landlock() -> Check:
 
 
 def check_memfd_seals() -> Check:
+    from ._sys import memfd
+
     try:
-        fd = os.memfd_create("shmbroker-doctor", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = memfd.memfd_create("shmbroker-doctor")
     except OSError as exc:
         return Check("memfd seals", WARN, f"memfd_create failed: {exc.strerror}", "the memfd backend is unavailable")
     try:
-        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW)
-        seals = fcntl.fcntl(fd, _F_GET_SEALS)
+        memfd.add_seals(fd, memfd.SIZE_SEALS)
+        seals = memfd.get_seals(fd)
     except OSError as exc:
         return Check("memfd seals", WARN, f"sealing refused: {exc.strerror}",
                      "a producer could truncate a memfd segment and crash readers with SIGBUS")
     finally:
         os.close(fd)
-    ok = seals & (_F_SEAL_SHRINK | _F_SEAL_GROW) == (_F_SEAL_SHRINK | _F_SEAL_GROW)
-    return Check("memfd seals", OK if ok else WARN, "F_SEAL_SHRINK|F_SEAL_GROW work" if ok else "seals did not stick",
+    ok = seals & memfd.SIZE_SEALS == memfd.SIZE_SEALS
+    return Check("memfd seals", OK if ok else WARN, "F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL work" if ok else "seals did not stick",
                  "" if ok else "truncation (SIGBUS) cannot be ruled out for memfd segments")
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import errors
-from .._sys.pdeathsig import set_parent_death_signal
+from .._sys.prctl import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors
-from .._sys.pdeathsig import set_parent_death_signal
+from .._sys.prctl import set_parent_death_signal
 
 # Setup is attaching, connecting or mapping: seconds at most, even loaded.
 SETUP_TIMEOUT = 30.0

@@ -108,7 +108,7 @@ class ExeInspector:
 
 
 def _serve(sock: socket.socket, parent: int, seccomp_mode: str | None) -> None:  # pragma: no cover - child process
-    sysprctl.prctl(sysprctl.PR_SET_PDEATHSIG, signal.SIGKILL)
+    sysprctl.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
         return  # the broker died before PDEATHSIG was armed
     keep = sock.fileno()

@@ -1,6 +1,7 @@
 """prctl(2) and capability syscalls through ctypes, for when python-prctl is absent.
 
-Only the handful of options the hardening code uses; numbers from
+Only the handful of options the hardening code, the exe inspector and the
+benchmark workers use; numbers from
 include/uapi/linux/prctl.h and linux/capability.h.
 """
 
@@ -51,6 +52,16 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     if result < 0:
         raise_errno(f"prctl({option})")
     return result
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Ask the kernel to send ``signum`` to this process when the thread that
+    forked it exits, however it exits (kill -9 included).
+
+    There is a window between fork() and this call in which the parent may
+    already have died: callers check os.getppid() afterwards.
+    """
+    prctl(PR_SET_PDEATHSIG, signum)
 
 
 def last_cap() -> int:

@@ -1,56 +1,28 @@
 """Attach latency: connect -> authenticated -> segment mapped, end to end.
 
     .venv/bin/python benchmarks/attach_latency.py [--samples 1000] [--clients 8] [--seconds 5]
+                                                  [--size BYTES] [--landlock auto|on|off]
 
-Starts its own broker on a temporary socket, then measures
-1. the latency of ShmClient.attach() + close() done one at a time (median, p99);
+The same measurement as the attach figures of `shmbroker bench`
+(shmbroker/_bench/attach.py), with the segment size and the broker's Landlock
+mode as knobs: a private broker, a producer holding the channel, then
+1. the latency of ShmClient.attach() done one at a time by a client process
+   joining the live channel (median, p99), and of a producer creating a channel;
 2. attaches per second with N client processes attaching and closing in a loop.
 Each attach is a full session: hello, SO_PEERCRED/pidfd/exe checks, policy,
-SCM_RIGHTS handoff, fstat checks, mmap.  A benchmark, not a test: it asserts nothing.
+SCM_RIGHTS handoff, fstat checks, mmap.  A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import platform
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from shmbroker import ShmClient
-
-CHANNEL = "bench"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _attach_loop(sock: str, seconds: float, start: float, out: "multiprocessing.Queue[int]") -> None:
-    while time.time() < start:
-        time.sleep(0.001)
-    count = 0
-    end = start + seconds
-    while time.time() < end:
-        ShmClient.attach(CHANNEL, "consumer", socket_path=sock).close()
-        count += 1
-    out.put(count)
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from shmbroker._bench.attach import AttachBench
+from shmbroker._bench.machine import describe
 
 
 def main() -> int:
@@ -63,61 +35,25 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="shmb-bench-"))
-    sock = str(tmp / "run" / "broker.sock")
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "shmbroker", "serve", "--socket", sock, "--channel", f"{CHANNEL}:{args.size}",
-         "--landlock", args.landlock],
-        stderr=subprocess.DEVNULL,
-    )
+    bench = AttachBench(tmp / "broker", size=args.size, serve_args=("--landlock", args.landlock))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                ShmClient.status(socket_path=sock)
-                break
-            except Exception:
-                if time.monotonic() > deadline or broker.poll() is not None:
-                    print("the broker did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.02)
-        # A producer keeps the segment alive, so every sample maps the same
-        # segment instead of also timing segment creation and wiping.
-        holder = ShmClient.attach(CHANNEL, "producer", socket_path=sock)
-        for _ in range(20):  # warm-up
-            ShmClient.attach(CHANNEL, "consumer", socket_path=sock).close()
-        samples = []
-        for _ in range(args.samples):
-            t0 = time.perf_counter_ns()
-            att = ShmClient.attach(CHANNEL, "consumer", socket_path=sock)
-            samples.append((time.perf_counter_ns() - t0) / 1000)
-            att.close()
-
-        ctx = multiprocessing.get_context("fork")
-        out: multiprocessing.Queue[int] = ctx.Queue()
-        start = time.time() + 0.5
-        workers = [ctx.Process(target=_attach_loop, args=(sock, args.seconds, start, out)) for _ in range(args.clients)]
-        for w in workers:
-            w.start()
-        total = sum(out.get(timeout=args.seconds + 60) for _ in workers)
-        for w in workers:
-            w.join()
-        holder.close()
-
-        print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, Linux {platform.release()}, Python {platform.python_version()}")
-        print(f"attach latency over {args.samples} attaches of a {args.size}-byte segment (connect to mapped, "
-              f"--landlock {args.landlock}):")
-        print(f"  median {statistics.median(samples):.0f} us, p99 {percentile(samples, 0.99):.0f} us, "
-              f"min {min(samples):.0f} us, max {max(samples):.0f} us")
-        print(f"attach rate with {args.clients} concurrent client processes for {args.seconds:g} s: "
-              f"{total / args.seconds:.0f} attaches/s ({total} attaches)")
-        return 0
+        latency = bench.latency(args.samples)
+        rate = bench.rate(args.clients, args.seconds)
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(15)
-        except subprocess.TimeoutExpired:
-            broker.kill()
+        bench.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    join, create = latency["latency_us"], latency["create_latency_us"]
+    m = describe()
+    print(f"machine: {m['cpu_model']}, {m['cores']} cpus, Linux {m['kernel']}, Python {m['python']}, "
+          f"load {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
+    print(f"attach latency over {args.samples} attaches of a {args.size}-byte segment (connect to mapped, "
+          f"--landlock {args.landlock}):")
+    print(f"  joining a live channel: median {join['p50']:.0f} us, p99 {join['p99']:.0f} us, "
+          f"min {join['min']:.0f} us, max {join['max']:.0f} us")
+    print(f"  creating the channel:   median {create['p50']:.0f} us, p99 {create['p99']:.0f} us")
+    print(f"attach rate with {rate['clients']} concurrent client processes for {rate['seconds']:.1f} s: "
+          f"{rate['attaches_per_s']:.0f} attaches/s ({rate['attaches']} attaches)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,43 +22,42 @@ CHANNEL_SIZE = 64 * 1024
 STALL_ALLOWANCE = 60.0
 
 
-def _attach_loop(ready: Ready, socket_path: str, count: int) -> None:
-    from .. import ShmClient
+def _timed_attaches(ready: Ready, count: int, size: int, attach: Any) -> None:
+    """Time ``attach(i)`` (connect to mapped) ``count`` times, closing each.
 
-    # Connect once before timing: imports and first-touch page faults are
-    # start-up costs, not what a long-running client pays per attach.
-    ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path).close()
-    ready()
-    times = array("q")
-    for _ in range(count):
-        t0 = time.perf_counter_ns()
-        att = ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path)
-        t1 = time.perf_counter_ns()
-        if len(att.buf) != CHANNEL_SIZE:
-            raise BenchError(f"attached a {len(att.buf)}-byte segment, expected {CHANNEL_SIZE}")
-        att.close()
-        times.append(t1 - t0)
-    ready.report({"attach_ns": times.tobytes()})
-
-
-def _create_loop(ready: Ready, socket_path: str, count: int) -> None:
-    """A producer creating a fresh channel each time: segment creation, lease and all."""
-    from .. import ShmClient
-
-    ShmClient.attach("bench-create-warm", "producer", socket_path=socket_path, size=CHANNEL_SIZE).close()
+    One untimed attach first: imports and first-touch page faults are
+    start-up costs, not what a long-running client pays per attach."""
+    attach(-1).close()
     ready()
     times = array("q")
     for i in range(count):
         t0 = time.perf_counter_ns()
-        # On-demand channels go away when their last peer detaches, so the
-        # broker never holds more than one of these at a time.
-        att = ShmClient.attach(f"bench-create-{i}", "producer", socket_path=socket_path, size=CHANNEL_SIZE)
+        att = attach(i)
         t1 = time.perf_counter_ns()
-        if len(att.buf) != CHANNEL_SIZE:
-            raise BenchError(f"created a {len(att.buf)}-byte segment, expected {CHANNEL_SIZE}")
+        if len(att.buf) != size:
+            raise BenchError(f"mapped a {len(att.buf)}-byte segment, expected {size}")
         att.close()
         times.append(t1 - t0)
     ready.report({"attach_ns": times.tobytes()})
+
+
+def _attach_loop(ready: Ready, socket_path: str, count: int, size: int) -> None:
+    from .. import ShmClient
+
+    _timed_attaches(ready, count, size, lambda i: ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path))
+
+
+def _create_loop(ready: Ready, socket_path: str, count: int, size: int) -> None:
+    """A producer creating a fresh channel each time: segment creation, lease and all.
+
+    On-demand channels go away when their last peer detaches, so the broker
+    never holds more than one of these at a time."""
+    from .. import ShmClient
+
+    _timed_attaches(
+        ready, count, size,
+        lambda i: ShmClient.attach(f"bench-create-{i + 1}", "producer", socket_path=socket_path, size=size),
+    )
 
 
 def _churn(ready: Ready, socket_path: str, seconds: float) -> None:
@@ -80,27 +79,32 @@ def _churn(ready: Ready, socket_path: str, seconds: float) -> None:
 
 
 class AttachBench:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, size: int = CHANNEL_SIZE, serve_args: tuple[str, ...] = ()) -> None:
         directory.mkdir(mode=0o700)
-        self.broker = TempBroker(directory, "--channel", f"{CHANNEL}:{CHANNEL_SIZE}")
+        self.size = size
+        self.broker = TempBroker(directory, "--channel", f"{CHANNEL}:{size}", *serve_args)
 
     def stop(self) -> None:
         self.broker.stop()
 
+    def _holder(self) -> Any:
+        """A producer holding the channel while consumers come and go, so a
+        join maps a live segment; without it the first join would also create
+        the segment and the last close wipe it."""
+        from .. import ShmClient
+
+        return ShmClient.attach(CHANNEL, "producer", socket_path=self.broker.socket)
+
     def latency(self, count: int) -> dict[str, Any]:
         """Consumer attach to an existing channel, then producer attach creating one."""
-        from .. import ShmClient
         from .workloads import samples
 
         figures: dict[str, Any] = {"attaches": count}
         for key, fn in (("latency_us", _attach_loop), ("create_latency_us", _create_loop)):
-            # A producer holds the channel while consumers come and go, so the
-            # join figure maps a live segment; without it every join would
-            # also create a segment and every close wipe it.
-            holder = ShmClient.attach(CHANNEL, "producer", socket_path=self.broker.socket) if fn is _attach_loop else None
+            holder = self._holder() if fn is _attach_loop else None
             try:
                 group = WorkerGroup(timeout=STALL_ALLOWANCE)
-                group.spawn("attach client", fn, self.broker.socket, count)
+                group.spawn("attach client", fn, self.broker.socket, count, self.size)
                 (result,) = group.run()
             finally:
                 if holder is not None:
@@ -112,9 +116,10 @@ class AttachBench:
         group = WorkerGroup(timeout=seconds + STALL_ALLOWANCE)
         for i in range(clients):
             group.spawn(f"attach client {i}", _churn, self.broker.socket, seconds)
-        cpu0 = self.broker.cpu_seconds()
-        results = group.run()
-        broker_cpu = self.broker.cpu_seconds() - cpu0
+        with self._holder():
+            cpu0 = self.broker.cpu_seconds()
+            results = group.run()
+            broker_cpu = self.broker.cpu_seconds() - cpu0
         total = sum(r["attaches"] for r in results)
         elapsed = (max(r["t_end"] for r in results) - min(r["t_start"] for r in results)) / 1e9
         if total == 0 or elapsed <= 0:

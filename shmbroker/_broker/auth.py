@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from .._sys import peercred, pidfd
+from .._sys import peercred, pidfd, statx
 from .inspector import ExeInspector, InspectorError
 from .policy import Identity
 
@@ -65,8 +65,8 @@ def _stat_exe(pid: int) -> tuple[int, int, str]:
     """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
     if exe_inspector is not None:
         return exe_inspector.exe(pid)
-    st = os.stat(f"/proc/{pid}/exe")
-    return st.st_dev, st.st_ino, _exe_path(pid)
+    dev, ino = statx.identity(f"/proc/{pid}/exe")  # never waits on a FUSE server (see _sys/statx.py)
+    return dev, ino, _exe_path(pid)
 
 
 def _exe_identity(pid: int) -> tuple[tuple[int, int], str]:

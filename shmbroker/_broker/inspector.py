@@ -34,6 +34,7 @@ import struct
 import time
 
 from .._sys import prctl as sysprctl
+from .._sys import statx
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,11 @@ def _inspect(seq: int, pid: int) -> bytes:  # pragma: no cover - child process
     if pid <= 0:
         return _REPLY.pack(seq, errno.EINVAL, 0, 0)
     try:
-        st = os.stat(f"/proc/{pid}/exe")
+        dev, ino = statx.identity(f"/proc/{pid}/exe")
         try:
             path = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             path = "?"
     except OSError as exc:
         return _REPLY.pack(seq, exc.errno or errno.EIO, 0, 0)
-    return _REPLY.pack(seq, 0, st.st_dev, st.st_ino) + path.encode(errors="surrogateescape")[:4096]
+    return _REPLY.pack(seq, 0, dev, ino) + path.encode(errors="surrogateescape")[:4096]

@@ -308,6 +308,8 @@ def _try_to_write(fd: int) -> list[str]:
             strict=True, reason="a posix object has no read-only fd to give: a second open breaks the lease (docs/attacks.md, A6)")),
         # Ring consumers write only to the ring's control page, a memfd of its own.
         ("memfd", True),
+        pytest.param("posix", True, marks=pytest.mark.xfail(
+            strict=True, reason="posix ring consumers hold the read-write fd too, for the same reason (docs/attacks.md, A6)")),
     ],
 )
 def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path, backend: str, ring: bool) -> None:

@@ -186,7 +186,10 @@ class Attachment(RingMethods):
     nowhere: it never crashes the process, and never reaches the segment.
     """
 
-    def __init__(self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None) -> None:
+    def __init__(
+        self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None,
+        control: Mapping | None = None,
+    ) -> None:
         self._link: _Link | None = link
         self._mapping = mapping
         self.channel: str = reply.channel
@@ -197,16 +200,19 @@ class Attachment(RingMethods):
         self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
         self._ring: Sender | Receiver | None = None
         self._ring_fds = ring_fds or []
+        # A ring's control page (its own memfd): cursors and flags, writable
+        # by every peer; consumers map the segment itself read-only.
+        self._control = control
         if reply.ring:
-            # Ring consumers map writable for their cursor; .buf stays read-only for them.
-            if reply.role == "consumer":
-                self.buf = self.buf.toreadonly()
-            payload = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+            assert control is not None
+            payload, ctrl = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size], control.view
             if reply.role == "producer":
-                self._ring = Sender(payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:])
+                self._ring = Sender(ctrl, payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:])
             else:
                 assert reply.slot is not None
-                self._ring = Receiver(payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1])
+                self._ring = Receiver(
+                    ctrl, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1]
+                )
             self._bind_ring_fast_paths()
 
     @property
@@ -253,6 +259,8 @@ class Attachment(RingMethods):
                 except BufferError:
                     pass
             self._mapping.close()
+            if self._control is not None:
+                self._control.close()
 
     def __enter__(self) -> Attachment:
         return self
@@ -317,6 +325,7 @@ class ShmClient:
             harden_process(drop_capabilities=False)
         link = _Link(_resolve_path(socket_path), timeout)
         ring_fds: list[int] = []
+        control: Mapping | None = None
         try:
             link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size, ring=bool(ring), max_message=max_message))
             link.receive()  # welcome
@@ -326,15 +335,17 @@ class ShmClient:
             if ring and not reply.ring:
                 raise errors.ChannelBusy(f"channel {channel!r} is a raw channel, not a ring")
             fds = link.take_fds()
-            ring_fds = take_ring_fds(reply, fds)
+            control, ring_fds = take_ring_fds(reply, fds)
             mapping = _map_segment(reply, fds)
             try:
-                return Attachment(link, mapping, reply, ring_fds)
+                return Attachment(link, mapping, reply, ring_fds, control)
             except BaseException:
                 mapping.close()
                 raise
         except BaseException:
             fdpass.close_all(ring_fds)
+            if control is not None:
+                control.close()
             link.close()
             raise
 
@@ -394,7 +405,9 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
         if st.st_size != length:
             raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
         _check_seals(fd)
-        mapping = Mapping(fd, length, writable=reply.role == "producer" or reply.ring)
+        # Consumers never write to the segment (a ring's cursors live in its
+        # control page): map it read-only even where the fd would allow more.
+        mapping = Mapping(fd, length, writable=reply.role == "producer")
     finally:
         fdpass.close_all(fds)
     header = parse_header(mapping.view)

@@ -306,8 +306,10 @@ def _try_to_write(fd: int) -> list[str]:
         ("memfd", False),
         pytest.param("posix", False, marks=pytest.mark.xfail(
             strict=True, reason="a posix object has no read-only fd to give: a second open breaks the lease (docs/attacks.md, A6)")),
-        pytest.param("memfd", True, marks=pytest.mark.xfail(
-            strict=True, reason="ring consumers write their cursor into the segment (docs/ring.md)")),
+        # Ring consumers write only to the ring's control page, a memfd of its own.
+        ("memfd", True),
+        pytest.param("posix", True, marks=pytest.mark.xfail(
+            strict=True, reason="posix ring consumers hold the read-write fd too, for the same reason (docs/attacks.md, A6)")),
     ],
 )
 def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path, backend: str, ring: bool) -> None:
@@ -320,8 +322,33 @@ def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path
             producer.buf[:6] = b"intact"
         consumer, fd = _consumer_fd(b.socket, "ch")
         try:
-            assert _try_to_write(fd) == []
+            with ShmClient.attach("ch", "consumer", socket_path=b.socket) as reader:
+                if ring:
+                    producer.send(b"intact")
+                assert _try_to_write(fd) == []
+                # The library's own consumer maps the segment read-only too:
+                # the kernel refuses its writes, not just the memoryview.
+                assert _mapping_permissions(reader._mapping.address) == "r--s"
+                with pytest.raises(TypeError, match="read-only"):
+                    reader.buf[:5] = b"owned"
+                if ring:
+                    assert reader._ring is not None
+                    with pytest.raises(TypeError, match="read-only"):
+                        reader._ring.ring._data[:5] = b"owned"
+                    assert reader.recv(timeout=5) == b"intact"  # and it still receives
+                else:
+                    assert bytes(reader.buf[:6]) == b"intact"
             if not ring:
                 assert bytes(producer.buf[:6]) == b"intact"
         finally:
             consumer.close()
+
+
+def _mapping_permissions(address: int) -> str:
+    """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            if int(span.split("-")[0], 16) == address:
+                return perms
+    raise AssertionError(f"no mapping starts at {address:#x}")

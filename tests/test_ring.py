@@ -108,7 +108,7 @@ def test_raw_and_ring_channels_do_not_mix(broker: Any) -> None:
 
 
 def test_full_ring_times_out_and_reserve_aborts_on_error(broker: Any) -> None:
-    with producer(broker, size=L.CONTROL_SIZE + 4096, max_message=1000) as p, attach(broker, "consumer") as c:
+    with producer(broker, size=L.DATA_OFFSET + 4096, max_message=1000) as p, attach(broker, "consumer") as c:
         sent = 0
         with pytest.raises(errors.Full, match="slowest consumer"):
             while True:
@@ -139,7 +139,7 @@ def test_messages_published_before_the_first_consumer_are_kept(broker: Any) -> N
 
 def test_dead_consumer_does_not_stall_the_producer(broker: Any) -> None:
     """The producer waits for the slowest live consumer; a dead one is dropped by the broker."""
-    with producer(broker, size=L.CONTROL_SIZE + 4096, max_message=500) as p, attach(broker, "consumer") as live:
+    with producer(broker, size=L.DATA_OFFSET + 4096, max_message=500) as p, attach(broker, "consumer") as live:
         ready = os.pipe()
 
         def lazy_consumer() -> None:

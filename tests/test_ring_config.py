@@ -30,7 +30,7 @@ def test_ring_channel_loads(tmp_path: Path) -> None:
     spec = cfg.channels["events"]
     assert spec.ring and spec.max_message == 64 * 1024
     default = load_config(write(tmp_path, '[channels.small]\nsize = "16KiB"\nring = true\n'))
-    assert default.channels["small"].max_message == (12 * 1024) // 4 - 8  # a quarter of the data area
+    assert default.channels["small"].max_message == (16 * 1024) // 4 - 8  # a quarter of the data area
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_ring_channel_loads(tmp_path: Path) -> None:
         ('size = "1MiB"\nmax_message = "4KiB"', "channels.events.max_message: only ring channels have messages"),
         ('size = "1MiB"\nring = true\nmax_message = "lots"', "channels.events.max_message: 'lots' is not a size"),
         ('size = "1MiB"\nring = true\nmax_message = "2MiB"', "channels.events.max_message: max_message 2097152 does not fit"),
-        ('size = 4096\nring = true', "channels.events.size: a ring needs a payload of at least 8192 bytes"),
+        ('size = 4000\nring = true', "channels.events.size: a ring needs a payload of at least 4096 bytes"),
     ],
 )
 def test_bad_ring_config_names_file_key_and_reason(tmp_path: Path, body: str, message: str) -> None:

@@ -28,7 +28,8 @@ def message(seq: int, size: int) -> bytes:
 
 
 class Segment:
-    """A header page plus payload in a memfd, mapped shared, as the broker lays it out."""
+    """A header page plus payload in a memfd, and the broker's own control
+    memfd, both mapped shared, as the broker lays them out."""
 
     def __init__(self, payload_size: int, max_message: int) -> None:
         self.fd = os.memfd_create("ring-model", os.MFD_CLOEXEC)
@@ -37,26 +38,28 @@ class Segment:
         self.view = memoryview(self.map)
         self.header = self.view[:HEADER_SIZE]
         self.payload = self.view[HEADER_SIZE:]
-        self.state = RingState(self.fd, payload_size, max_message)
+        self.state = RingState(payload_size, max_message)
+        self.control_map = mmap.mmap(self.state.fd, L.CONTROL_SIZE)
+        self.control = memoryview(self.control_map)
 
     def close(self) -> None:
         self.state.close()
-        self.header.release()
-        self.payload.release()
-        self.view.release()
-        try:
-            self.map.close()
-        except BufferError:
-            # A view is still referenced (e.g. by a frame of a traceback
-            # pytest.raises keeps); it is unmapped when collected.
-            pass
+        for view in (self.header, self.payload, self.view, self.control):
+            view.release()
+        for mapping in (self.map, self.control_map):
+            try:
+                mapping.close()
+            except BufferError:
+                # A view is still referenced (e.g. by a frame of a traceback
+                # pytest.raises keeps); it is unmapped when collected.
+                pass
         os.close(self.fd)
 
 
 class Member:
     def __init__(self, seg: Segment, alone: bool) -> None:
         self.slot, _, _ = seg.state.attach_consumer(self, "model")
-        self.ring = RingConsumer(seg.payload, seg.header, "model", self.slot)
+        self.ring = RingConsumer(seg.control, seg.payload, seg.header, "model", self.slot)
         # Joining live readers starts at the newest message; joining an
         # unread ring starts at the oldest retained one, which we learn on
         # the first receive.
@@ -69,11 +72,11 @@ class RingModel(RuleBasedStateMachine):
         max_message=st.integers(8, 3000),
     )
     def setup(self, data_pages: int, max_message: int) -> None:
-        payload = L.CONTROL_SIZE + data_pages * 4096
+        payload = L.DATA_OFFSET + data_pages * 4096
         max_message = min(max_message, L.data_size_for(payload) - L.RECORD_HEADER)
         self.seg = Segment(payload, max_message)
         self.max_message = max_message
-        self.producer = RingProducer(self.seg.payload, self.seg.header, "model")
+        self.producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
         self.sent = 0  # next sequence number
         self.members: list[Member] = []
         self.wraps = 0
@@ -199,7 +202,7 @@ class RingModel(RuleBasedStateMachine):
         # message already published.
         w = self.producer.write_index
         self.producer.release()
-        self.producer = RingProducer(self.seg.payload, self.seg.header, "model")
+        self.producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
         assert self.producer.write_index == w
 
     @invariant()
@@ -218,10 +221,10 @@ TestRingModel = RingModel.TestCase
 
 
 def test_revoked_segment_raises_on_next_operation() -> None:
-    seg = Segment(L.CONTROL_SIZE + 4096, 100)
+    seg = Segment(L.DATA_OFFSET + 4096, 100)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
         producer.try_send(b"x")
         REVOKED.pack_into(seg.header, 32, 1)
         with pytest.raises(errors.ChannelRevoked):
@@ -236,25 +239,25 @@ def test_revoked_segment_raises_on_next_operation() -> None:
 
 def test_untrusted_indices_never_read_out_of_bounds() -> None:
     """Garbage cursors and write indices give a clear error or a clamp, never an out-of-range access."""
-    seg = Segment(L.CONTROL_SIZE + 8192, 1000)
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
         assert producer.try_send(b"a" * 100)
         # A hostile consumer claims to be far behind: the producer clamps it
         # to "full" and refuses instead of overwriting or crashing.
-        L.U64.pack_into(seg.payload, L.slot_offset(member.slot), 2**63)
+        L.U64.pack_into(seg.control, L.slot_offset(member.slot), 2**63)
         producer.rescan()
         assert producer._limit <= producer.write_index + producer.data_size
         # A corrupt write index is refused by the consumer with a clear error.
-        L.U64.pack_into(seg.payload, L.OFF_WRITE, 2**40 + 8)
+        L.U64.pack_into(seg.control, L.OFF_WRITE, 2**40 + 8)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             member.ring.try_recv()
         # A corrupt record header (length past the data area) likewise.
-        L.U64.pack_into(seg.payload, L.OFF_WRITE, producer.write_index)
+        L.U64.pack_into(seg.control, L.OFF_WRITE, producer.write_index)
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 2**31 - 1, L.KIND_MSG)
-        L.U64.pack_into(seg.payload, L.slot_offset(member.slot), 0)
-        fresh = RingConsumer(seg.payload, seg.header, "model", member.slot)
+        L.U64.pack_into(seg.control, L.slot_offset(member.slot), 0)
+        fresh = RingConsumer(seg.control, seg.payload, seg.header, "model", member.slot)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             fresh.try_recv()
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 5, 77)
@@ -269,10 +272,10 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
 def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
     """A batch that ends on a PAD must leave (and publish) the cursor after
     it: the producer may already reuse those bytes."""
-    seg = Segment(L.CONTROL_SIZE + 4096, 1000)
+    seg = Segment(L.DATA_OFFSET + 4096, 1000)
     try:
         fast, slow = Member(seg, alone=True), Member(seg, alone=False)
-        producer = RingProducer(seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
         for i in range(4):
             assert producer.try_send(message(i, 1000))
         assert len(fast.ring.try_recv_many(10)) == 4
@@ -282,7 +285,7 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
         assert producer.write_index == 4096
         assert fast.ring.try_recv_many(10) == []
         assert fast.ring._r == 4096
-        assert L.U64.unpack_from(seg.payload, L.slot_offset(fast.slot))[0] == 4096
+        assert L.U64.unpack_from(seg.control, L.slot_offset(fast.slot))[0] == 4096
         for m in (fast, slow):
             m.ring.release()
         producer.release()

@@ -524,9 +524,10 @@ class Broker:
         if segment is None:
             segment = self._new_segment(channel)
         ring = channel.ring
-        # Consumers of raw memfd channels get the read-only fd (see Segment);
-        # ring consumers must write their cursor into the segment.
-        read_only = request.role == "consumer" and ring is None and segment.readonly_fd >= 0
+        # Consumers of memfd channels get the read-only fd (see Segment):
+        # they cannot change the payload.  Ring consumers write only to the
+        # ring's control page, a memfd of its own (_ring/broker.py).
+        read_only = request.role == "consumer" and segment.readonly_fd >= 0
         fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
         if ring is not None:
             try:
@@ -608,7 +609,7 @@ class Broker:
             if channel.spec.ring:
                 assert channel.spec.max_message is not None
                 try:
-                    channel.ring = RingState(segment.fd, channel.spec.size, channel.spec.max_message)
+                    channel.ring = RingState(channel.spec.size, channel.spec.max_message)
                 except BaseException:
                     segment.close()
                     raise

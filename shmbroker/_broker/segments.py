@@ -61,8 +61,9 @@ class Segment:
         self.flags = flags
         self.backend = backend
         self.revoked = False
-        # memfd only: an O_RDONLY fd of the same object for consumers of raw
-        # channels, who then cannot map it writable or write to it at all.
+        # memfd only: an O_RDONLY fd of the same object for consumers (raw
+        # and ring: a ring's cursors live in its own control memfd), who then
+        # cannot map it writable or write to it at all.
         # A posix object cannot have one: any second open, ours included,
         # makes the write lease impossible.
         self.readonly_fd = -1

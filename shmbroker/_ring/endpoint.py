@@ -27,11 +27,14 @@ def _deadline(timeout: float | None) -> float | None:
 class Sender:
     """The producer side: a RingProducer plus the eventfds to wake consumers and to sleep on."""
 
-    def __init__(self, payload: memoryview, header: memoryview, name: str, producer_fd: int, consumer_fds: list[int]) -> None:
+    def __init__(
+        self, control: memoryview, payload: memoryview, header: memoryview, name: str,
+        producer_fd: int, consumer_fds: list[int],
+    ) -> None:
         self.fds = [producer_fd, *consumer_fds]
         self._fd = producer_fd
         self._consumer_fds = consumer_fds
-        self.ring = RingProducer(payload, header, name, wake=self._wake)
+        self.ring = RingProducer(control, payload, header, name, wake=self._wake)
 
     def _wake(self, slot: int) -> None:
         eventfd.signal(self._consumer_fds[slot])
@@ -106,11 +109,14 @@ class Sender:
 class Receiver:
     """The consumer side of one slot."""
 
-    def __init__(self, payload: memoryview, header: memoryview, name: str, slot: int, slot_fd: int, producer_fd: int) -> None:
+    def __init__(
+        self, control: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
+        slot_fd: int, producer_fd: int,
+    ) -> None:
         self.fds = [slot_fd, producer_fd]
         self._fd = slot_fd
         self._producer_fd = producer_fd
-        self.ring = RingConsumer(payload, header, name, slot, wake_producer=self._wake_producer)
+        self.ring = RingConsumer(control, payload, header, name, slot, wake_producer=self._wake_producer)
 
     def _wake_producer(self) -> None:
         eventfd.signal(self._producer_fd)

@@ -1,16 +1,23 @@
-"""Byte layout of a ring in a segment's payload (all offsets relative to the payload).
+"""Byte layout of a ring: a control page in its own memfd, data in the segment's payload.
 
-The control page (payload page 0) holds everything peers write besides
-messages; the data area starts on the next page, so a later variant can map
-data read-only for consumers and only the control page writable.  Every word
-is a little-endian, naturally aligned u64; words written by different
-parties sit on different 64-byte cache lines so peers do not false-share.
+The control page holds everything peers write besides messages: indices,
+flags, cursors.  It lives in a separate sealed memfd of CONTROL_SIZE bytes
+(the broker creates it, _ring/broker.py), not in the segment, so consumers
+can map the segment read-only: a consumer writes only its cursor and its
+sleeping flag, both in the control page, and can never change a message
+(docs/attacks.md, A6).  The data area is the whole payload from offset 0
+(segment offset HEADER_SIZE, so it is page-aligned), rounded down to
+ALIGN; the segment header keeps the revoked word, which peers only read.
+
+Every word is a little-endian, naturally aligned u64; words written by
+different parties sit on different 64-byte cache lines so peers do not
+false-share.  Offsets below are within the control page:
 
     offset     size  writer     field
     0          8     broker     magic b"SHMRING\\x01"
     8          4     broker     ring layout version
     12         4     broker     max consumers (slots)
-    16         8     broker     data offset (one page)
+    16         8     broker     data offset in the payload (0)
     24         8     broker     data size (bytes, multiple of 8)
     32         8     broker     max message (bytes)
     64         8     producer   write index (monotonic byte count, published last)
@@ -34,16 +41,20 @@ import sys
 from ..limits import PAGE_SIZE
 
 RING_MAGIC = b"SHMRING\x01"
-RING_VERSION = 1
+# 2: the control page moved out of the segment into its own memfd.
+RING_VERSION = 2
 # Eight consumer slots.  Precedent: iceoryx2's default max-subscribers per
 # publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one
 # u64 holds one membership byte and one sleeping byte per slot, so the
 # producer learns who sleeps with a single aligned load per send, and the
-# producer's fd set (the segment, 1 + 8 eventfds) fits the protocol's
-# 16-fd list.
+# producer's fd set (the segment, the control page, 1 + 8 eventfds) fits
+# the protocol's 16-fd list.
 MAX_CONSUMERS = 8
 CONTROL_SIZE = PAGE_SIZE
-DATA_OFFSET = CONTROL_SIZE
+# Where the data area starts in the payload.  The control page has its own
+# object, so nothing precedes the data; kept as a name (and in the static
+# header) so a reader checks rather than assumes it.
+DATA_OFFSET = 0
 RECORD_HEADER = 8
 ALIGN = 8
 # A ring must hold at least a few pages of data to be useful.
@@ -89,7 +100,7 @@ def check_geometry(payload_size: int, max_message: int) -> str | None:
         return f"max_message must be between 1 and {MAX_MESSAGE_LIMIT} bytes"
     data = data_size_for(payload_size)
     if data < MIN_DATA_SIZE:
-        return f"a ring needs a payload of at least {DATA_OFFSET + MIN_DATA_SIZE} bytes (one control page plus data)"
+        return f"a ring needs a payload of at least {DATA_OFFSET + MIN_DATA_SIZE} bytes of data"
     if RECORD_HEADER + align(max_message) > data:
         return (
             f"max_message {max_message} does not fit the ring's {data}-byte data area; "
@@ -99,7 +110,7 @@ def check_geometry(payload_size: int, max_message: int) -> str | None:
 
 
 def init_image(payload_size: int, max_message: int) -> bytes:
-    """The control page the broker pwrite()s into a fresh segment's payload."""
+    """The control page the broker pwrite()s into a fresh control memfd."""
     image = bytearray(CONTROL_SIZE)
     _STATIC.pack_into(
         image, 0, RING_MAGIC, RING_VERSION, MAX_CONSUMERS, DATA_OFFSET, data_size_for(payload_size), max_message

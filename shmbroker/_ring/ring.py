@@ -56,9 +56,15 @@ def fence() -> None:
 
 
 class _Base:
-    def __init__(self, payload: memoryview, header: memoryview, name: str) -> None:
+    """``control`` is the ring's control page (writable: cursors and flags
+    live there); ``payload`` the segment's payload, read-only for consumers;
+    ``header`` the segment header with the revoked word."""
+
+    def __init__(self, control: memoryview, payload: memoryview, header: memoryview, name: str) -> None:
         self.name = name
-        static = L.parse_static(payload)
+        if len(control) < L.CONTROL_SIZE:
+            raise errors.SegmentError(f"the ring control page of channel {name!r} is too small; refusing it")
+        static = L.parse_static(control)
         if static is None:
             raise errors.SegmentError(f"channel {name!r} is not a message ring (bad ring header); attach it as a raw channel")
         data_size, max_message = static
@@ -66,7 +72,7 @@ class _Base:
             raise errors.SegmentError(f"the ring header of channel {name!r} does not match its segment; refusing it")
         self.data_size = data_size
         self.max_message = max_message
-        self._ctrl = payload[: L.CONTROL_SIZE]
+        self._ctrl = control[: L.CONTROL_SIZE]
         self._data = payload[L.DATA_OFFSET : L.DATA_OFFSET + data_size]
         self._header = header
         # Shared words are read and written as items of a 'Q' memoryview:
@@ -101,8 +107,11 @@ class _Base:
 class RingProducer(_Base):
     """The only writer of records and of the write index."""
 
-    def __init__(self, payload: memoryview, header: memoryview, name: str, wake: Callable[[int], None] | None = None) -> None:
-        super().__init__(payload, header, name)
+    def __init__(
+        self, control: memoryview, payload: memoryview, header: memoryview, name: str,
+        wake: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(control, payload, header, name)
         self.check()
         # A previous producer may have published messages nobody consumed;
         # continue after them.  The stored index is only a hint (consumers
@@ -308,9 +317,10 @@ class RingConsumer(_Base):
     """One consumer slot: reads every record after its cursor, then advances the cursor."""
 
     def __init__(
-        self, payload: memoryview, header: memoryview, name: str, slot: int, wake_producer: Callable[[], None] | None = None
+        self, control: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
+        wake_producer: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(payload, header, name)
+        super().__init__(control, payload, header, name)
         self.check()
         if not 0 <= slot < L.MAX_CONSUMERS:
             raise errors.SegmentError(f"consumer slot {slot} of channel {name!r} is out of range")

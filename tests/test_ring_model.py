@@ -70,13 +70,17 @@ class RingModel(RuleBasedStateMachine):
     @initialize(
         data_pages=st.integers(1, 2),
         max_message=st.integers(8, 3000),
+        # The early-wrap policy normally starts at 128 KiB; lowered here so
+        # the model's small messages take that path too.
+        early_wrap=st.sampled_from([RingProducer.early_wrap, 8, 500]),
     )
-    def setup(self, data_pages: int, max_message: int) -> None:
+    def setup(self, data_pages: int, max_message: int, early_wrap: int) -> None:
         payload = L.DATA_OFFSET + data_pages * 4096
         max_message = min(max_message, L.data_size_for(payload) - L.RECORD_HEADER)
         self.seg = Segment(payload, max_message)
         self.max_message = max_message
-        self.producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
+        self.early_wrap = early_wrap
+        self.producer = self._new_producer()
         self.sent = 0  # next sequence number
         self.members: list[Member] = []
         self.wraps = 0
@@ -202,8 +206,13 @@ class RingModel(RuleBasedStateMachine):
         # message already published.
         w = self.producer.write_index
         self.producer.release()
-        self.producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
+        self.producer = self._new_producer()
         assert self.producer.write_index == w
+
+    def _new_producer(self) -> RingProducer:
+        producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
+        producer.early_wrap = self.early_wrap
+        return producer
 
     @invariant()
     def indices_consistent(self) -> None:
@@ -231,6 +240,34 @@ def test_revoked_segment_raises_on_next_operation() -> None:
             producer.try_send(b"y")
         with pytest.raises(errors.ChannelRevoked):
             member.ring.try_recv()
+        member.ring.release()
+        producer.release()
+    finally:
+        seg.close()
+
+
+@pytest.mark.parametrize("keeps_up", [True, False])
+def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bool) -> None:
+    """The early-wrap policy: with every consumer caught up, the third large
+    record goes back to offset 0 behind a PAD instead of further into the
+    area; a consumer that lags keeps the ordinary placement.  Either way it
+    receives every message intact."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        member = Member(seg, alone=True)
+        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
+        producer.early_wrap = 1000
+        rec = L.RECORD_HEADER + 1000
+        sent, got = [], []
+        for i in range(3):
+            sent.append(message(i, 1000))
+            assert producer.try_send(sent[-1])
+            if keeps_up:
+                got.append(member.ring.try_recv())
+        offset = (producer.write_index - rec) % producer.data_size
+        assert offset == (0 if keeps_up else 2 * rec)
+        got.extend(iter(member.ring.try_recv, None))
+        assert got == sent
         member.ring.release()
         producer.release()
     finally:

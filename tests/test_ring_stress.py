@@ -129,6 +129,12 @@ def test_stress_short(broker: Any) -> None:
     run_stress(broker, 20_000)
 
 
+def test_stress_large_messages(broker: Any) -> None:
+    # Up to 512 KiB in a 4 MiB ring: about half the records take the
+    # early-wrap path (RingProducer.early_wrap), racing live consumers.
+    run_stress(broker, 2_000, consumers=2, size=4096 * KiB, max_message=512 * KiB)
+
+
 @pytest.mark.long
 def test_stress_million_messages(broker: Any) -> None:
     run_stress(broker, 1_000_000, consumers=2, size=1024 * KiB, max_message=2 * KiB)

@@ -369,11 +369,7 @@ def _check_seals(fd: int) -> None:
     any peer holding it could truncate it and kill us with SIGBUS."""
     if not memfd.is_memfd(fd):
         return
-    try:
-        seals = memfd.get_seals(fd)
-    except OSError:
-        seals = 0
-    if seals & memfd.SIZE_SEALS != memfd.SIZE_SEALS:
+    if not memfd.has_size_seals(fd):
         raise errors.SegmentError(
             "the broker sent a memfd segment that is not sealed against resizing "
             "(F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL); a peer could truncate it and crash this "

@@ -30,11 +30,7 @@ def check_control(fd: int) -> None:
         raise errors.SegmentError(
             "the ring control page is linked or has a non-zero mode, so others could open it; refusing it"
         )
-    try:
-        seals = memfd.get_seals(fd)
-    except OSError:
-        seals = 0
-    if seals & memfd.SIZE_SEALS != memfd.SIZE_SEALS:
+    if not memfd.has_size_seals(fd):
         raise errors.SegmentError(
             "the broker sent a ring control page that is not sealed against resizing "
             "(F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL); a peer could truncate it and crash this "

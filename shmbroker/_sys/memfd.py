@@ -38,6 +38,14 @@ def get_seals(fd: int) -> int:
     return fcntl.fcntl(fd, F_GET_SEALS)
 
 
+def has_size_seals(fd: int) -> bool:
+    """True when nobody, the creator included, can resize ``fd`` any more."""
+    try:
+        return get_seals(fd) & SIZE_SEALS == SIZE_SEALS
+    except OSError:  # EINVAL: not a sealable file
+        return False
+
+
 def is_memfd(fd: int) -> bool:
     """True for a memfd: the kernel names its inode "/memfd:NAME"."""
     try:

@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import os
 import platform
+import select
 import shutil
 import signal
 import statistics
@@ -167,6 +168,34 @@ def ring_rtt(sock: str, size: int, rounds: int, gap: float = 0.0) -> tuple[float
     p.close()
     os.close(ready_r)
     os.close(ready_w)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def eventfd_rtt(rounds: int, gap: float) -> tuple[float, float]:
+    """Round trip p50/p99 in us of a bare eventfd ping-pong between two
+    processes that sleep in poll(2): the kernel's own floor under the ring's
+    "asleep" figures (no ring, no Python ring code)."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+
+    def echo() -> None:
+        for _ in range(rounds):
+            select.select([ping], [], [])
+            os.eventfd_read(ping)
+            os.eventfd_write(pong, 1)
+
+    pid = fork(echo)
+    samples = []
+    for _ in range(rounds):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        os.eventfd_write(ping, 1)
+        select.select([pong], [], [])
+        os.eventfd_read(pong)
+        samples.append(time.perf_counter() - t0)
+    os.waitpid(pid, 0)
+    os.close(ping)
+    os.close(pong)
     samples.sort()
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
@@ -336,6 +365,9 @@ def main() -> None:
                   f"{'n/a' if iox_median is None else format(iox_median, ',.0f'):>11} "
                   f"{'n/a' if iox_median is None else format(best / iox_median, '.2f'):>8} {spread:>14}",
                   flush=True)
+        e50, e99 = eventfd_rtt(200, 0.002)
+        print(f"# bare eventfd ping-pong between two processes asleep in poll(2), 2 ms apart: "
+              f"RTT p50 {e50:.1f} us, p99 {e99:.1f} us (the floor under 'asleep')")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

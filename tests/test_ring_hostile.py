@@ -186,3 +186,34 @@ def test_client_refuses_a_control_page_a_peer_could_resize_or_open(make: Any, re
     for fd in received:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="ring consumers share one writable control page, so one can move another's cursor (docs/attacks.md, A6)",
+)
+def test_a_consumer_cannot_make_another_consumer_lose_messages(broker: Any) -> None:
+    """A hostile consumer reads everything and, before each send, writes the
+    producer's write index into the victim's cursor word.  The producer,
+    which must trust cursors, believes the victim caught up and overwrites
+    what the victim has not read: the victim loses messages (or finds a
+    corrupt ring).  Closing this needs a control page per consumer."""
+    kw: dict[str, Any] = {"socket_path": broker.socket}
+    with ShmClient.attach("r", "producer", size=16 * 1024, ring=True, max_message=1000, **kw) as p, \
+            ShmClient.attach("r", "consumer", **kw) as victim, ShmClient.attach("r", "consumer", **kw) as hostile:
+        words = hostile._control.view.cast("Q")
+        victim_cursor = L.slot_offset(victim._ring.ring.slot) // 8
+        sent = [bytes([i]) * 1000 for i in range(40)]  # 40 kB through a 16 KiB ring
+        for msg in sent:
+            words[victim_cursor] = p._ring.ring.write_index
+            p.send(msg, timeout=2)  # without the forgery: Full, the victim has read nothing
+            hostile.recv(timeout=2)
+        words.release()
+        got = []
+        try:
+            while True:
+                got.append(victim.recv(timeout=0.2))
+        except (errors.Empty, errors.SegmentError):
+            pass
+        assert got == sent, f"the victim received {len(got)} of {len(sent)} messages intact"

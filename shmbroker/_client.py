@@ -13,7 +13,7 @@ from typing import Any
 from . import errors
 from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
-from ._ring.client import take_ring_fds
+from ._ring.client import RingPages, take_ring_fds
 from ._ring.endpoint import Receiver, RingMethods, Sender
 from ._ring.layout import resolve_max_message
 from ._sys import fdpass, memfd
@@ -188,7 +188,7 @@ class Attachment(RingMethods):
 
     def __init__(
         self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None,
-        control: Mapping | None = None,
+        pages: RingPages | None = None,
     ) -> None:
         self._link: _Link | None = link
         self._mapping = mapping
@@ -200,18 +200,23 @@ class Attachment(RingMethods):
         self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
         self._ring: Sender | Receiver | None = None
         self._ring_fds = ring_fds or []
-        # A ring's control page (its own memfd): cursors and flags, writable
-        # by every peer; consumers map the segment itself read-only.
-        self._control = control
+        # A ring's pages (memfds of their own): the control page (cursors and
+        # flags, writable by every peer) and the index page (read-only for
+        # consumers); consumers map the segment itself read-only.
+        self._pages = pages
+        self._control = pages.control if pages is not None else None
         if reply.ring:
-            assert control is not None
-            payload, ctrl = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size], control.view
+            assert pages is not None
+            payload = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+            ctrl, index = pages.control.view, pages.index.view
             if reply.role == "producer":
-                self._ring = Sender(ctrl, payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:])
+                self._ring = Sender(
+                    ctrl, index, payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:]
+                )
             else:
                 assert reply.slot is not None
                 self._ring = Receiver(
-                    ctrl, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1]
+                    ctrl, index, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1]
                 )
             self._bind_ring_fast_paths()
 
@@ -259,8 +264,8 @@ class Attachment(RingMethods):
                 except BufferError:
                     pass
             self._mapping.close()
-            if self._control is not None:
-                self._control.close()
+            if self._pages is not None:
+                self._pages.close()
 
     def __enter__(self) -> Attachment:
         return self
@@ -325,7 +330,7 @@ class ShmClient:
             harden_process(drop_capabilities=False)
         link = _Link(_resolve_path(socket_path), timeout)
         ring_fds: list[int] = []
-        control: Mapping | None = None
+        pages: RingPages | None = None
         try:
             link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size, ring=bool(ring), max_message=max_message))
             link.receive()  # welcome
@@ -335,17 +340,17 @@ class ShmClient:
             if ring and not reply.ring:
                 raise errors.ChannelBusy(f"channel {channel!r} is a raw channel, not a ring")
             fds = link.take_fds()
-            control, ring_fds = take_ring_fds(reply, fds)
+            pages, ring_fds = take_ring_fds(reply, fds)
             mapping = _map_segment(reply, fds)
             try:
-                return Attachment(link, mapping, reply, ring_fds, control)
+                return Attachment(link, mapping, reply, ring_fds, pages)
             except BaseException:
                 mapping.close()
                 raise
         except BaseException:
             fdpass.close_all(ring_fds)
-            if control is not None:
-                control.close()
+            if pages is not None:
+                pages.close()
             link.close()
             raise
 

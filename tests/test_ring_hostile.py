@@ -17,7 +17,7 @@ from adversary import RawPeer, hello_attach, policy_toml, wait_until, write_conf
 from shmbroker import ShmClient, errors
 from shmbroker._layout import LAYOUT_VERSION
 from shmbroker._ring import layout as L
-from shmbroker._ring.broker import CONSUMER_FD_NAMES, create_control
+from shmbroker._ring.broker import CONSUMER_FD_NAMES, create_control, create_index
 from shmbroker._ring.client import take_ring_fds
 from shmbroker._sys import eventfd, fdpass, memfd
 from shmbroker._wire import messages as m
@@ -82,11 +82,14 @@ def test_truncating_a_ring_wakes_its_sleepers_and_leaks_no_eventfd(broker_factor
     wait_until(lambda: _eventfds(b.pid) == baseline, what="the broker to close the ring's eventfds")
 
 
-def _control_fds(pid: int) -> int:
+def _page_fds(pid: int) -> int:
+    """The ring pages (control and index memfds) ``pid`` holds."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:shmbroker-ring-control")
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(
+                ("/memfd:shmbroker-ring-control", "/memfd:shmbroker-ring-index")
+            )
         except OSError:
             pass
     return count
@@ -97,8 +100,8 @@ def _control_fds(pid: int) -> int:
 def test_no_peer_can_resize_or_unseal_the_ring_control_page(
     broker_factory: Any, short_tmp: Path, backend: str, role: str
 ) -> None:
-    """Every peer maps the control page writable; if one could truncate it,
-    the others' next cursor store would die of SIGBUS."""
+    """Every peer maps the control page writable and the index page; if one
+    could truncate either, the others' next access would die of SIGBUS."""
     config = policy_toml(channels={"ch": {"size": 65536, "backend": backend, "ring": True}})
     b = broker_factory("--config", write_config(short_tmp, config))
     with ShmClient.attach("ch", "producer" if role == "consumer" else "consumer", socket_path=b.socket) as other:
@@ -106,18 +109,18 @@ def test_no_peer_can_resize_or_unseal_the_ring_control_page(
         try:
             hostile.send(hello_attach("ch", role=role, size=None))
             reply = hostile.replies(timeout=0.5)[-1]
-            assert isinstance(reply, m.Attached) and reply.fds[1] == "ring.control", reply
-            control = hostile.fds[1]
-            assert memfd.is_memfd(control)
-            assert os.fstat(control).st_size == L.CONTROL_SIZE
-            for length in (0, L.CONTROL_SIZE // 2, 2 * L.CONTROL_SIZE):
+            assert isinstance(reply, m.Attached) and reply.fds[1:3] == ("ring.control", "ring.index"), reply
+            for page in hostile.fds[1:3]:
+                assert memfd.is_memfd(page)
+                assert os.fstat(page).st_size == L.CONTROL_SIZE
+                for length in (0, L.CONTROL_SIZE // 2, 2 * L.CONTROL_SIZE):
+                    with pytest.raises((PermissionError, OSError)):
+                        os.ftruncate(page, length)  # EPERM (sealed), or EINVAL on the O_RDONLY index fd
                 with pytest.raises(PermissionError):
-                    os.ftruncate(control, length)
-            with pytest.raises(PermissionError):
-                memfd.add_seals(control, memfd.F_SEAL_WRITE)  # F_SEAL_SEAL: no more changes
-            with pytest.raises(OSError):
-                os.posix_fallocate(control, 0, 2 * L.CONTROL_SIZE)
-            assert os.fstat(control).st_size == L.CONTROL_SIZE
+                    memfd.add_seals(page, memfd.F_SEAL_WRITE)  # F_SEAL_SEAL: no more changes
+                with pytest.raises(OSError):
+                    os.posix_fallocate(page, 0, 2 * L.CONTROL_SIZE)
+                assert os.fstat(page).st_size == L.CONTROL_SIZE
             # The honest peer keeps working on the same control page.
             if role == "consumer":
                 other.send(b"still here")
@@ -126,13 +129,13 @@ def test_no_peer_can_resize_or_unseal_the_ring_control_page(
                     other.recv(timeout=0)
         finally:
             hostile.close()
-    wait_until(lambda: _control_fds(b.pid) == 0, what="the broker to close the ring's control memfd")
+    wait_until(lambda: _page_fds(b.pid) == 0, what="the broker to close the ring's page memfds")
 
 
-def _ring_reply_and_fds(control: int) -> tuple[m.Attached, list[int]]:
-    """What a broker would send a consumer of a ring, with ``control`` as its control fd."""
+def _ring_reply_and_fds(control: int, index: int) -> tuple[m.Attached, list[int]]:
+    """What a broker would send a consumer of a ring, with ``control`` and ``index`` as its page fds."""
     segment = memfd.memfd_create("shmbroker")
-    fds = [segment, control, eventfd.create(), eventfd.create()]
+    fds = [segment, control, index, eventfd.create(), eventfd.create()]
     reply = m.Attached(
         channel="x", role="consumer", size=65536, generation=1, layout=LAYOUT_VERSION,
         fds=("segment", *CONSUMER_FD_NAMES), ring=True, slot=0,
@@ -148,19 +151,29 @@ def _sealed_memfd(size: int, seals: int, mode: int = 0) -> int:
     return fd
 
 
-def test_client_maps_a_well_formed_control_page() -> None:
-    reply, fds = _ring_reply_and_fds(create_control(65536, 1000))
+def _index_ro() -> int:
+    """A well-formed index page, as consumers get it (the O_RDONLY fd)."""
+    rw, ro = create_index(65536, 1000)
+    os.close(rw)
+    return ro
+
+
+def test_client_maps_well_formed_ring_pages() -> None:
+    reply, fds = _ring_reply_and_fds(create_control(), _index_ro())
     received = list(fds)
-    control, ring_fds = take_ring_fds(reply, fds)
+    pages, ring_fds = take_ring_fds(reply, fds)
     try:
-        assert control is not None and control.writable and len(control.view) == L.CONTROL_SIZE
-        assert ring_fds == received[2:] and fds == received[:1]
-        with pytest.raises(OSError):
-            os.fstat(received[1])  # mapped, then closed: the mapping holds no fd
+        assert pages is not None and pages.control.writable and len(pages.control.view) == L.CONTROL_SIZE
+        assert not pages.index.writable and len(pages.index.view) == L.INDEX_SIZE
+        assert L.parse_static(pages.index.view) == (L.data_size_for(65536), 1000)
+        assert ring_fds == received[3:] and fds == received[:1]
+        for page in received[1:3]:
+            with pytest.raises(OSError):
+                os.fstat(page)  # mapped, then closed: the mapping holds no fd
     finally:
-        assert control is not None
-        control.close()
-        fdpass.close_all(received[:1] + received[2:])
+        assert pages is not None
+        pages.close()
+        fdpass.close_all(received[:1] + received[3:])
 
 
 @pytest.mark.parametrize(
@@ -176,9 +189,14 @@ def test_client_maps_a_well_formed_control_page() -> None:
     ],
     ids=["shrink-only", "no-seal-seal", "too-large", "too-small", "mode-600", "dev-zero", "eventfd"],
 )
-def test_client_refuses_a_control_page_a_peer_could_resize_or_open(make: Any, reason: str) -> None:
+@pytest.mark.parametrize("page", ["control", "index"])
+def test_client_refuses_a_ring_page_a_peer_could_resize_or_open(make: Any, reason: str, page: str) -> None:
     """Fail closed before mapping: every fd the broker sent is closed, none is mapped."""
-    reply, fds = _ring_reply_and_fds(make())
+    if page == "control":
+        reply, fds = _ring_reply_and_fds(make(), _index_ro())
+    else:
+        reply, fds = _ring_reply_and_fds(create_control(), make())
+        reason = f"index page.*{reason}|{reason}.*index page" if reason != "not a memfd" else "index page that is not a memfd"
     received = list(fds)
     with pytest.raises(errors.SegmentError, match=reason):
         take_ring_fds(reply, fds)
@@ -188,18 +206,77 @@ def test_client_refuses_a_control_page_a_peer_could_resize_or_open(make: Any, re
             os.fstat(fd)
 
 
+def _index_page_writes(fd: int) -> list[str]:
+    """Every way a consumer could change the ring's index page through its fd; the ones that worked.
+    Modelled on test_attack_shared_memory._try_to_write."""
+    import mmap
+
+    worked = []
+    try:
+        with mmap.mmap(fd, L.INDEX_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            L.U64.pack_into(mm, L.OFF_WRITE, 8)
+        worked.append("writable mmap")
+    except PermissionError:
+        pass
+    try:
+        os.pwrite(fd, L.U64.pack(8), L.OFF_WRITE)
+        worked.append("pwrite")
+    except OSError:
+        pass
+    return worked
+
+
+@pytest.mark.parametrize("backend", ["posix", "memfd"])
+def test_a_consumer_cannot_write_the_ring_index_page(broker_factory: Any, short_tmp: Path, backend: str) -> None:
+    """The write index, LOW, the reserve index and the producer's flag live
+    in the index page, which consumers get as an O_RDONLY fd (for both
+    segment backends: the page is a memfd of its own), so no consumer can
+    forge an index another consumer trusts."""
+    config = policy_toml(channels={"ch": {"size": 65536, "backend": backend, "ring": True}})
+    b = broker_factory("--config", write_config(short_tmp, config))
+    with ShmClient.attach("ch", "producer", socket_path=b.socket) as producer:
+        hostile = RawPeer(b.socket)
+        try:
+            hostile.send(hello_attach("ch", role="consumer", size=None))
+            reply = hostile.replies(timeout=0.5)[-1]
+            assert isinstance(reply, m.Attached) and reply.fds[2] == "ring.index", reply
+            assert _index_page_writes(hostile.fds[2]) == []
+            with ShmClient.attach("ch", "consumer", socket_path=b.socket) as reader:
+                assert reader._pages is not None and reader._ring is not None
+                assert _mapping_permissions(reader._pages.index.address) == "r--s"
+                with pytest.raises(TypeError, match="read-only"):
+                    reader._ring.ring._iw[L.OFF_WRITE // 8] = 8
+                producer.send(b"intact")
+                assert reader.recv(timeout=5) == b"intact"  # and it still receives
+        finally:
+            hostile.close()
+
+
+def _mapping_permissions(address: int) -> str:
+    """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            if int(span.split("-")[0], 16) == address:
+                return perms
+    raise AssertionError(f"no mapping starts at {address:#x}")
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="ring consumers share one writable control page, so one can move another's cursor (docs/attacks.md, A6)",
+    reason="ring consumers share one writable control page, so one can move another's cursor: "
+    "the victim loses messages, and is told (docs/attacks.md, A6)",
 )
 def test_a_consumer_cannot_make_another_consumer_lose_messages(broker: Any) -> None:
     """A hostile consumer reads everything and, before each send, writes the
     producer's write index into the victim's cursor word.  The producer,
     which must trust cursors, believes the victim caught up and overwrites
-    what the victim has not read: the victim loses messages (or finds a
-    corrupt ring).  Closing this needs a cursor page per consumer
-    attachment (docs/security.md)."""
+    what the victim has not read: the victim loses messages (it gets a
+    SegmentError, never a wrong message:
+    test_a_consumer_that_moves_another_consumers_cursor_gets_it_an_error_not_a_wrong_message).
+    Closing the loss itself needs a cursor page per consumer attachment
+    (docs/security.md)."""
     kw: dict[str, Any] = {"socket_path": broker.socket}
     with ShmClient.attach("r", "producer", size=16 * 1024, ring=True, max_message=1000, **kw) as p, \
             ShmClient.attach("r", "consumer", **kw) as victim, ShmClient.attach("r", "consumer", **kw) as hostile:
@@ -218,3 +295,47 @@ def test_a_consumer_cannot_make_another_consumer_lose_messages(broker: Any) -> N
         except (errors.Empty, errors.SegmentError):
             pass
         assert got == sent, f"the victim received {len(got)} of {len(sent)} messages intact"
+
+
+def _receive(att: Any, how: str) -> list[bytes]:
+    if how == "recv":
+        return [att.recv(timeout=0.2)]
+    if how == "recv_many":
+        # One at a time: a batch that goes on to reload the write index would
+        # find the lap anyway and drop the whole batch.
+        return att.recv_many(1, timeout=0.2)  # type: ignore[no-any-return]
+    with att.receive_view(timeout=0.2) as view:
+        data = bytes(view)
+    return [data]  # only once the exit check passed
+
+
+@pytest.mark.parametrize("how", ["recv", "recv_many", "receive_view"])
+def test_a_consumer_that_moves_another_consumers_cursor_gets_it_an_error_not_a_wrong_message(
+    broker: Any, how: str
+) -> None:
+    """The attack of the strict xfail above, through a live broker.  The
+    victim first reads one of two published messages, so it holds a cached
+    write index and reads the next record without reloading it: only the
+    reserve index tells it the record is from a later lap.  Everything it
+    receives is exactly what was sent at that position; then it gets a
+    SegmentError, not silence and not a stale message."""
+    kw: dict[str, Any] = {"socket_path": broker.socket}
+    with ShmClient.attach("r", "producer", size=16 * 1024, ring=True, max_message=1000, **kw) as p, \
+            ShmClient.attach("r", "consumer", **kw) as victim, ShmClient.attach("r", "consumer", **kw) as hostile:
+        sent = [i.to_bytes(2, "little") * 500 for i in range(40)]  # 40 kB through a 16 KiB ring
+        p.send(sent[0])
+        p.send(sent[1])
+        got = victim.recv_many(1) if how == "recv_many" else _receive(victim, how)
+        assert got == sent[:1]
+        assert hostile.recv_many(2) == sent[:2]
+        words = hostile._control.view.cast("Q")
+        victim_cursor = L.slot_offset(victim._ring.ring.slot) // 8
+        for msg in sent[2:]:
+            words[victim_cursor] = p._ring.ring.write_index
+            p.send(msg, timeout=2)  # without the forgery: Full, the victim has read one message
+            assert hostile.recv(timeout=2) == msg
+        words.release()
+        with pytest.raises(errors.SegmentError, match="overwritten before this consumer read them"):
+            while True:
+                got.extend(_receive(victim, how))  # errors.Empty (silence) fails the test
+        assert got == sent[: len(got)], "the victim received a message that was not sent at that position"

@@ -29,7 +29,9 @@ def message(seq: int, size: int) -> bytes:
 
 class Segment:
     """A header page plus payload in a memfd, and the broker's own control
-    memfd, both mapped shared, as the broker lays them out."""
+    and index memfds, all mapped shared, as the broker lays them out:
+    ``index`` read-write for the producer, ``index_ro`` (from the broker's
+    O_RDONLY fd) read-only for consumers."""
 
     def __init__(self, payload_size: int, max_message: int) -> None:
         self.fd = os.memfd_create("ring-model", os.MFD_CLOEXEC)
@@ -41,12 +43,16 @@ class Segment:
         self.state = RingState(payload_size, max_message)
         self.control_map = mmap.mmap(self.state.fd, L.CONTROL_SIZE)
         self.control = memoryview(self.control_map)
+        self.index_map = mmap.mmap(self.state.index_fd, L.INDEX_SIZE)
+        self.index = memoryview(self.index_map)
+        self.index_ro_map = mmap.mmap(self.state.index_ro_fd, L.INDEX_SIZE, prot=mmap.PROT_READ)
+        self.index_ro = memoryview(self.index_ro_map)
 
     def close(self) -> None:
         self.state.close()
-        for view in (self.header, self.payload, self.view, self.control):
+        for view in (self.header, self.payload, self.view, self.control, self.index, self.index_ro):
             view.release()
-        for mapping in (self.map, self.control_map):
+        for mapping in (self.map, self.control_map, self.index_map, self.index_ro_map):
             try:
                 mapping.close()
             except BufferError:
@@ -59,7 +65,7 @@ class Segment:
 class Member:
     def __init__(self, seg: Segment, alone: bool) -> None:
         self.slot, _, _ = seg.state.attach_consumer(self, "model")
-        self.ring = RingConsumer(seg.control, seg.payload, seg.header, "model", self.slot)
+        self.ring = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot)
         # Joining live readers starts at the newest message; joining an
         # unread ring starts at the oldest retained one, which we learn on
         # the first receive.
@@ -210,7 +216,7 @@ class RingModel(RuleBasedStateMachine):
         assert self.producer.write_index == w
 
     def _new_producer(self) -> RingProducer:
-        producer = RingProducer(self.seg.control, self.seg.payload, self.seg.header, "model")
+        producer = RingProducer(self.seg.control, self.seg.index, self.seg.payload, self.seg.header, "model")
         producer.early_wrap = self.early_wrap
         return producer
 
@@ -233,7 +239,7 @@ def test_revoked_segment_raises_on_next_operation() -> None:
     seg = Segment(L.DATA_OFFSET + 4096, 100)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
         producer.try_send(b"x")
         REVOKED.pack_into(seg.header, 32, 1)
         with pytest.raises(errors.ChannelRevoked):
@@ -255,7 +261,7 @@ def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bo
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
         producer.early_wrap = 1000
         rec = L.RECORD_HEADER + 1000
         sent, got = [], []
@@ -279,22 +285,23 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
         assert producer.try_send(b"a" * 100)
         # A hostile consumer claims to be far behind: the producer clamps it
         # to "full" and refuses instead of overwriting or crashing.
         L.U64.pack_into(seg.control, L.slot_offset(member.slot), 2**63)
         producer.rescan()
         assert producer._limit <= producer.write_index + producer.data_size
-        # A corrupt write index is refused by the consumer with a clear error.
-        L.U64.pack_into(seg.control, L.OFF_WRITE, 2**40 + 8)
+        # A corrupt write index (a buggy producer: consumers cannot write
+        # it) is refused by the consumer with a clear error.
+        L.U64.pack_into(seg.index, L.OFF_WRITE, 2**40 + 8)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             member.ring.try_recv()
         # A corrupt record header (length past the data area) likewise.
-        L.U64.pack_into(seg.control, L.OFF_WRITE, producer.write_index)
+        L.U64.pack_into(seg.index, L.OFF_WRITE, producer.write_index)
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 2**31 - 1, L.KIND_MSG)
         L.U64.pack_into(seg.control, L.slot_offset(member.slot), 0)
-        fresh = RingConsumer(seg.control, seg.payload, seg.header, "model", member.slot)
+        fresh = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", member.slot)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             fresh.try_recv()
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 5, 77)
@@ -312,7 +319,7 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
     seg = Segment(L.DATA_OFFSET + 4096, 1000)
     try:
         fast, slow = Member(seg, alone=True), Member(seg, alone=False)
-        producer = RingProducer(seg.control, seg.payload, seg.header, "model")
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
         for i in range(4):
             assert producer.try_send(message(i, 1000))
         assert len(fast.ring.try_recv_many(10)) == 4
@@ -327,4 +334,109 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
             m.ring.release()
         producer.release()
     finally:
+        seg.close()
+
+
+def _attack(seg: Segment, size: int, count: int) -> tuple[Member, Member, RingProducer, list[bytes]]:
+    """Two consumers; the victim reads the first of two published messages
+    (so it caches a write index and reads the next record without reloading
+    it); then a hostile consumer moves the victim's cursor to the write
+    index before each of ``count`` sends, so the producer laps the victim."""
+    victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
+    producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+    sent = [message(i, size) for i in range(count)]
+    assert producer.try_send(sent[0]) and producer.try_send(sent[1])
+    assert victim.ring.try_recv_many(1) == sent[:1]
+    assert hostile.ring.try_recv_many(2) == sent[:2]
+    for msg in sent[2:]:
+        L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+        assert producer.try_send(msg), "the forged cursor should have let the producer lap the victim"
+        assert hostile.ring.try_recv() == msg
+    return victim, hostile, producer, sent
+
+
+@pytest.mark.parametrize("receive", ["take", "try_recv_many"])
+@pytest.mark.parametrize("size", [100, 40_000], ids=["span", "big-record"])
+def test_a_victim_whose_cursor_was_moved_gets_an_error_never_a_stale_message(receive: str, size: int) -> None:
+    """The producer writes index x at x % data_size, so after a lap the
+    victim's next record holds a message of a later lap, well-formed and
+    plausible.  The reserve index tells the victim, after its copy, that the
+    record was overwritten: SegmentError, never the later lap's message.
+    Both try_recv_many paths: spans of small records, and a record larger
+    than a span."""
+    seg = Segment(L.DATA_OFFSET + (4 if size == 100 else 32) * 4096, size)
+    try:
+        lap = L.data_size_for(len(seg.payload)) // (L.RECORD_HEADER + size)
+        victim, hostile, producer, sent = _attack(seg, size, 2 * lap + 3)
+        got = [sent[0]]
+        with pytest.raises(errors.SegmentError, match="overwritten before this consumer read them"):
+            while True:
+                batch = [victim.ring.take()] if receive == "take" else victim.ring.try_recv_many(1)
+                assert batch and None not in batch, "the victim heard nothing instead of an error"
+                got.extend(batch)
+        assert got == sent[: len(got)], "the victim received a message that was not sent at that position"
+        for r in (victim.ring, hostile.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_a_record_overwritten_after_the_victim_found_it_is_not_returned() -> None:
+    """The victim finds the record header (next_record), then the producer,
+    let in by a forged cursor, overwrites that record before the copy:
+    take() raises instead of returning the new lap's bytes."""
+    seg = Segment(L.DATA_OFFSET + 4096, 1000)
+    try:
+        victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        assert producer.try_send(message(0, 1000))
+        pos, n = victim.ring.next_record()
+        assert (pos, n) == (L.RECORD_HEADER, 1000)
+        assert hostile.ring.try_recv() == message(0, 1000)
+        for i in range(1, 5):  # 4 records of 1008 bytes a lap: the fifth lands on the first
+            L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+            assert producer.try_send(message(i, 1000))
+            assert hostile.ring.try_recv() == message(i, 1000)
+        assert bytes(seg.payload[pos : pos + n]) == message(4, 1000)  # overwritten under the victim
+        with pytest.raises(errors.SegmentError, match="overwritten"):
+            victim.ring.take()
+        for r in (victim.ring, hostile.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_a_view_torn_by_an_overwrite_raises_on_exit() -> None:
+    """receive_view hands out the record in place: a producer let in by a
+    forged cursor overwrites it while the caller reads, so the caller sees
+    half of one message and half of another.  The exit check raises, and the
+    cursor stays on the record (the caller must discard what it read)."""
+    from shmbroker._ring.endpoint import Receiver
+
+    seg = Segment(L.DATA_OFFSET + 4096, 1000)
+    victim = hostile = None
+    try:
+        hostile = Member(seg, alone=True)
+        slot, _, _ = seg.state.attach_consumer("victim", "model")
+        victim = Receiver(
+            seg.control, seg.index_ro, seg.payload, seg.header, "model", slot,
+            seg.state.consumer_efds[slot], seg.state.producer_efd,
+        )
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        assert producer.try_send(message(0, 1000))
+        with pytest.raises(errors.SegmentError, match="overwritten"):
+            with victim.receive_view(timeout=0) as view:
+                first = bytes(view[:500])
+                for i in range(1, 5):
+                    L.U64.pack_into(seg.control, L.slot_offset(slot), producer.write_index)
+                    assert producer.try_send(message(i, 1000))
+                    assert hostile.ring.try_recv() == message(i - 1, 1000)
+                torn = first + bytes(view[500:])
+                assert torn != message(0, 1000) and torn != message(4, 1000)  # really torn
+        assert victim.ring._r == 0
+        producer.release()
+    finally:
+        for r in (victim.ring if victim else None, hostile.ring if hostile else None):
+            if r is not None:
+                r.release()
         seg.close()

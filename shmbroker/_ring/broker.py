@@ -1,8 +1,10 @@
-"""What the broker does to a ring: create its control page, hand out consumer slots.
+"""What the broker does to a ring: create its two pages, hand out consumer slots.
 
-The control page is a memfd of its own (layout.py), sealed against resizing
-so no peer can truncate it and SIGBUS the others; it carries no payload, so
-it needs neither the segment's lease nor its backend.  Like every
+The index page and the control page are memfds of their own (layout.py),
+sealed against resizing so no peer can truncate them and SIGBUS the others;
+they carry no payload, so they need neither the segment's lease nor its
+backend.  Consumers get an O_RDONLY fd of the index page, so the indices
+they trust can only come from the producer and the broker.  Like every
 broker-side access to shared memory this goes through pread(2) and
 pwrite(2) on the fd, never through a mapping (see _broker/segments.py).
 Values the broker reads back from the control page were written by peers,
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # Names of the fds in the Attached message, in SCM_RIGHTS order after "segment".
 CONTROL_FD = "ring.control"
+INDEX_FD = "ring.index"
 PRODUCER_FD = "ring.producer"
 CONSUMER_FD = "ring.consumer"
 
@@ -32,53 +35,79 @@ def consumer_fd_name(slot: int) -> str:
 
 
 def producer_fd_names() -> tuple[str, ...]:
-    return (CONTROL_FD, PRODUCER_FD, *(consumer_fd_name(k) for k in range(L.MAX_CONSUMERS)))
+    return (CONTROL_FD, INDEX_FD, PRODUCER_FD, *(consumer_fd_name(k) for k in range(L.MAX_CONSUMERS)))
 
 
-CONSUMER_FD_NAMES = (CONTROL_FD, CONSUMER_FD, PRODUCER_FD)
+CONSUMER_FD_NAMES = (CONTROL_FD, INDEX_FD, CONSUMER_FD, PRODUCER_FD)
 
 
-def create_control(payload_size: int, max_message: int) -> int:
-    """A fresh control memfd: initialised, mode 0, sealed at CONTROL_SIZE bytes."""
-    fd = memfd.memfd_create("shmbroker-ring-control")
+def _create_page(name: str, image: bytes, *, readonly_fd: bool) -> tuple[int, int]:
+    """A fresh memfd holding ``image``, mode 0, sealed at its size; with
+    ``readonly_fd`` also an O_RDONLY fd of it (else -1)."""
+    fd = memfd.memfd_create(name)
+    ro = -1
     try:
+        if readonly_fd:
+            # Like Segment._create_memfd: reopened through /proc before the
+            # fchmod, since a hardened broker has no CAP_DAC_OVERRIDE to open
+            # a mode-0 file (which is the point of mode 0).
+            ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         # Mode 0 like the segments: nobody may reopen it through /proc/PID/fd
         # without CAP_DAC_OVERRIDE, and clients check for it.
         os.fchmod(fd, 0)
-        os.ftruncate(fd, L.CONTROL_SIZE)
-        os.pwrite(fd, L.init_image(payload_size, max_message), 0)
+        os.ftruncate(fd, len(image))
+        os.pwrite(fd, image, 0)
         memfd.add_seals(fd, memfd.SIZE_SEALS)
     except BaseException:
-        os.close(fd)
+        fdpass.close_all([f for f in (fd, ro) if f >= 0])
         raise
-    return fd
+    return fd, ro
+
+
+def create_control() -> int:
+    """A fresh control memfd (cursors and sleeping flags): zeroed, mode 0, sealed at CONTROL_SIZE bytes."""
+    return _create_page("shmbroker-ring-control", bytes(L.CONTROL_SIZE), readonly_fd=False)[0]
+
+
+def create_index(payload_size: int, max_message: int) -> tuple[int, int]:
+    """A fresh index memfd (static header, indices), mode 0, sealed at
+    INDEX_SIZE bytes, and an O_RDONLY fd of it for consumers."""
+    return _create_page("shmbroker-ring-index", L.init_image(payload_size, max_message), readonly_fd=True)
 
 
 class RingState:
-    """The broker's trusted view of one ring: its control memfd, eventfds, slots, the producer.
+    """The broker's trusted view of one ring: its two pages, eventfds, slots, the producer.
 
-    Created and closed with the channel's segment; owns ``fd`` (the control page)."""
+    Created and closed with the channel's segment; owns ``fd`` (the control
+    page), ``index_fd`` (the index page) and ``index_ro_fd`` (its read-only
+    twin for consumers)."""
 
     def __init__(self, payload_size: int, max_message: int) -> None:
         self.fd = -1
+        self.index_fd = -1
+        self.index_ro_fd = -1
         self.producer_efd = -1
         self.consumer_efds: list[int] = []
         self.slots: list[object | None] = [None] * L.MAX_CONSUMERS
         self.producer: object | None = None
         try:
-            self.fd = create_control(payload_size, max_message)
+            self.fd = create_control()
+            self.index_fd, self.index_ro_fd = create_index(payload_size, max_message)
             self.producer_efd = eventfd.create()
             self.consumer_efds = [eventfd.create() for _ in range(L.MAX_CONSUMERS)]
         except BaseException:
             self.close()
             raise
 
-    def _read_u64(self, offset: int) -> int:
-        raw = os.pread(self.fd, 8, offset)
-        return L.U64.unpack(raw)[0] if len(raw) == 8 else 0
+    def _read_index(self, offset: int) -> int:
+        """A word of the index page: written by the producer, so sanitised into an aligned index."""
+        raw = os.pread(self.index_fd, 8, offset)
+        value = L.U64.unpack(raw)[0] if len(raw) == 8 else 0
+        return min(value - value % L.ALIGN, MAX_INDEX - L.ALIGN)
 
-    def _write_byte(self, offset: int, value: int) -> None:
-        os.pwrite(self.fd, bytes([value]), offset)
+    @staticmethod
+    def _write_byte(fd: int, offset: int, value: int) -> None:
+        os.pwrite(fd, bytes([value]), offset)
 
     def attach_producer(self, session: object, channel: str, describe: str) -> tuple[list[int], tuple[str, ...]]:
         if self.producer is not None and self.producer is not session:
@@ -87,7 +116,7 @@ class RingState:
                 "a ring has one producer at a time: wait for it to detach"
             )
         self.producer = session
-        return [self.fd, self.producer_efd, *self.consumer_efds], producer_fd_names()
+        return [self.fd, self.index_fd, self.producer_efd, *self.consumer_efds], producer_fd_names()
 
     def attach_consumer(self, session: object, channel: str) -> tuple[int, list[int], tuple[str, ...]]:
         try:
@@ -103,24 +132,23 @@ class RingState:
         # producer may have cached as its bound, so it never overwrites
         # unread data of the newcomer (docs/ring.md, "joining").
         alone = all(s is None for s in self.slots)
-        start = self._read_u64(L.OFF_LOW if alone else L.OFF_WRITE)
-        start = min(start - start % L.ALIGN, MAX_INDEX - L.ALIGN)  # peer-written: sanitise
+        start = self._read_index(L.OFF_LOW if alone else L.OFF_WRITE)
         os.pwrite(self.fd, L.U64.pack(start), L.slot_offset(slot))
-        self._write_byte(L.OFF_SLEEPING + slot, 0)
-        self._write_byte(L.OFF_MEMBERS + slot, 1)  # after the cursor: the producer trusts members' cursors
+        self._write_byte(self.fd, L.OFF_SLEEPING + slot, 0)
+        # After the cursor: the producer trusts members' cursors.
+        self._write_byte(self.index_fd, L.OFF_MEMBERS + slot, 1)
         if alone:
             # The producer may have raised LOW (from the departed consumer's
             # cursor) after we read it; it re-reads the membership after that
             # store, and we re-read LOW after ours: one of us sees the other.
             # The consumer has not been told its slot yet, so moving its
             # cursor forward here is safe.
-            now = self._read_u64(L.OFF_LOW)
-            now = min(now - now % L.ALIGN, MAX_INDEX - L.ALIGN)
+            now = self._read_index(L.OFF_LOW)
             if now > start:
                 os.pwrite(self.fd, L.U64.pack(now), L.slot_offset(slot))
         self.slots[slot] = session
         eventfd.drain(self.consumer_efds[slot])
-        return slot, [self.fd, self.consumer_efds[slot], self.producer_efd], CONSUMER_FD_NAMES
+        return slot, [self.fd, self.index_ro_fd, self.consumer_efds[slot], self.producer_efd], CONSUMER_FD_NAMES
 
     def detach(self, session: object) -> None:
         if self.fd < 0:
@@ -131,8 +159,8 @@ class RingState:
             if owner is session:
                 self.slots[slot] = None
                 try:
-                    self._write_byte(L.OFF_MEMBERS + slot, 0)
-                    self._write_byte(L.OFF_SLEEPING + slot, 0)
+                    self._write_byte(self.index_fd, L.OFF_MEMBERS + slot, 0)
+                    self._write_byte(self.fd, L.OFF_SLEEPING + slot, 0)
                 except OSError as exc:
                     log.warning("could not free consumer slot %d: %s", slot, exc.strerror)
                 # No eventfd signal to the producer waiting for this consumer:
@@ -141,9 +169,10 @@ class RingState:
 
     def close(self) -> None:
         # Sleepers learn of the revocation by their periodic re-check.
-        # Peers keep their own mappings of the control page; without the
-        # segment's data it is just indices, freed when the last one unmaps.
-        fdpass.close_all([fd for fd in (self.fd, self.producer_efd, *self.consumer_efds) if fd >= 0])
-        self.fd = -1
+        # Peers keep their own mappings of the pages; without the segment's
+        # data they are just indices, freed when the last one unmaps.
+        fds = (self.fd, self.index_fd, self.index_ro_fd, self.producer_efd, *self.consumer_efds)
+        fdpass.close_all([fd for fd in fds if fd >= 0])
+        self.fd = self.index_fd = self.index_ro_fd = -1
         self.producer_efd = -1
         self.consumer_efds = []

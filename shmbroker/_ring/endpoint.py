@@ -28,19 +28,19 @@ class Sender:
     """The producer side: a RingProducer plus the eventfds to wake consumers and to sleep on."""
 
     def __init__(
-        self, control: memoryview, payload: memoryview, header: memoryview, name: str,
+        self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
         producer_fd: int, consumer_fds: list[int],
     ) -> None:
         self.fds = [producer_fd, *consumer_fds]
         self._fd = producer_fd
         self._consumer_fds = consumer_fds
-        self.ring = RingProducer(control, payload, header, name, wake=self._wake)
+        self.ring = RingProducer(control, index, payload, header, name, wake=self._wake)
 
     def _wake(self, slot: int) -> None:
         eventfd.signal(self._consumer_fds[slot])
 
     def _set_waiting(self, value: int) -> None:
-        self.ring._cw[L.OFF_PRODUCER_WAITING >> 3] = value  # one aligned store (see ring.py)
+        self.ring._iw[L.OFF_PRODUCER_WAITING >> 3] = value  # one aligned store (see ring.py)
 
     def _progress(self) -> Any:
         ring = self.ring
@@ -110,13 +110,13 @@ class Receiver:
     """The consumer side of one slot."""
 
     def __init__(
-        self, control: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
+        self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
         slot_fd: int, producer_fd: int,
     ) -> None:
         self.fds = [slot_fd, producer_fd]
         self._fd = slot_fd
         self._producer_fd = producer_fd
-        self.ring = RingConsumer(control, payload, header, name, slot, wake_producer=self._wake_producer)
+        self.ring = RingConsumer(control, index, payload, header, name, slot, wake_producer=self._wake_producer)
 
     def _wake_producer(self) -> None:
         eventfd.signal(self._producer_fd)
@@ -163,8 +163,12 @@ class Receiver:
         finally:
             _release(view)
         # The producer cannot reuse the bytes until our cursor moves, so the
-        # view was stable unless the broker revoked the channel meanwhile.
+        # view was stable unless the broker revoked the channel meanwhile, or
+        # another consumer forged our cursor and the producer overwrote the
+        # record while the caller read it: both raise here, after the caller
+        # used the view, so an error on exit means "discard what you read".
         ring.check()
+        ring.check_intact()
         ring.consume(n)
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[bytes]:
@@ -268,7 +272,11 @@ class RingMethods:
         return self._receiver().recv_into(buffer, timeout)
 
     def receive_view(self, timeout: float | None = None) -> contextlib.AbstractContextManager[memoryview]:
-        """``with att.receive_view() as view:`` a zero-copy read-only view, released on exit."""
+        """``with att.receive_view() as view:`` a zero-copy read-only view, released on exit.
+
+        The record is checked on exit, after the block used the view: a
+        SegmentError or ChannelRevoked raised there means the bytes may have
+        changed while the block read them, so discard whatever it derived."""
         return self._receiver().receive_view(timeout)
 
     def recv_many(self, max_count: int, timeout: float | None = None) -> list[bytes]:

@@ -1,17 +1,28 @@
-"""Byte layout of a ring: a control page in its own memfd, data in the segment's payload.
+"""Byte layout of a ring: two pages in memfds of their own, data in the segment's payload.
 
-The control page holds everything peers write besides messages: indices,
-flags, cursors.  It lives in a separate sealed memfd of CONTROL_SIZE bytes
-(the broker creates it, _ring/broker.py), not in the segment, so consumers
-can map the segment read-only: a consumer writes only its cursor and its
-sleeping flag, both in the control page, and can never change a message
-(docs/attacks.md, A6).  The data area is the whole payload from offset 0
-(segment offset HEADER_SIZE, so it is page-aligned), rounded down to
-ALIGN; the segment header keeps the revoked word, which peers only read.
+A ring has two one-page memfds besides its segment, each sealed against
+resizing and of mode 0 (the broker creates both, _ring/broker.py):
+
+* the **index page** holds everything only the producer (and the broker,
+  through pwrite) writes: the static header, the write index, LOW, the
+  reserve index, the producer-waiting flag and the membership.  The
+  producer maps it read-write; consumers get an O_RDONLY reopen of it and
+  map it read-only, so no consumer can forge an index another consumer
+  trusts (docs/attacks.md, A6);
+* the **control page** holds what consumers write: their sleeping flags
+  and their cursors.  Every peer maps it read-write; cursors are untrusted
+  hints to the producer, never read back by the consumer that owns them.
+
+Both live outside the segment, so consumers map the segment read-only and
+can never change a message.  The data area is the whole payload from
+offset 0 (segment offset HEADER_SIZE, so it is page-aligned), rounded down
+to ALIGN; the segment header keeps the revoked word, which peers only read.
 
 Every word is a little-endian, naturally aligned u64; words written by
 different parties sit on different 64-byte cache lines so peers do not
-false-share.  Offsets below are within the control page:
+false-share.
+
+Index page:
 
     offset     size  writer     field
     0          8     broker     magic b"SHMRING\\x01"
@@ -23,9 +34,20 @@ false-share.  Offsets below are within the control page:
     64         8     producer   write index (monotonic byte count, published last)
     72         8     producer   low: oldest index still retained for a consumer joining an empty ring
     80         8     producer   producer waiting for space (non-zero while it sleeps)
+    88         8     producer   reserve: the producer writes no data at or beyond this index
     128        8     broker     membership: byte k non-zero while slot k belongs to a consumer
-    192        8     consumers  sleeping: byte k non-zero while consumer k sleeps
-    256+64k    8     consumer k read index of slot k
+
+Control page:
+
+    offset     size  writer     field
+    0          8     consumers  sleeping: byte k non-zero while consumer k sleeps
+    64+64k     8     consumer k read index of slot k
+
+The reserve index is what lets a consumer trust what it copied: the
+producer stores reserve = w + rec before it writes any byte of a record at
+indices [w, w + rec), and index x lives at x % data size, so a copy of
+[r, r + len) is intact if reserve <= r + data size once the copy is done
+(docs/ring.md, "robustness").
 
 Records in the data area are 8-byte aligned and never wrap: an 8-byte
 record header (u32 length, u32 kind) followed by the message, padded to 8.
@@ -42,15 +64,18 @@ from ..limits import PAGE_SIZE
 
 RING_MAGIC = b"SHMRING\x01"
 # 2: the control page moved out of the segment into its own memfd.
-RING_VERSION = 2
+# 3: what only the producer writes moved to the read-only-for-consumers index
+#    page, with a new reserve index.
+RING_VERSION = 3
 # Eight consumer slots.  Precedent: iceoryx2's default max-subscribers per
 # publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one
 # u64 holds one membership byte and one sleeping byte per slot, so the
 # producer learns who sleeps with a single aligned load per send, and the
-# producer's fd set (the segment, the control page, 1 + 8 eventfds) fits
+# producer's fd set (the segment, two pages, 1 + 8 eventfds) fits
 # the protocol's 16-fd list.
 MAX_CONSUMERS = 8
 CONTROL_SIZE = PAGE_SIZE
+INDEX_SIZE = PAGE_SIZE
 # Where the data area starts in the payload.  The control page has its own
 # object, so nothing precedes the data; kept as a name (and in the static
 # header) so a reader checks rather than assumes it.
@@ -64,15 +89,18 @@ KIND_PAD = 2
 # u32 length field; beyond this messages belong in a raw channel anyway.
 MAX_MESSAGE_LIMIT = 2**31
 
+# Index page.
 OFF_MAGIC = 0
 OFF_DATA_SIZE = 24
 OFF_MAX_MESSAGE = 32
 OFF_WRITE = 64
 OFF_LOW = 72
 OFF_PRODUCER_WAITING = 80
+OFF_RESERVE = 88
 OFF_MEMBERS = 128
-OFF_SLEEPING = 192
-OFF_SLOTS = 256
+# Control page.
+OFF_SLEEPING = 0
+OFF_SLOTS = 64
 SLOT_STRIDE = 64
 
 U64 = struct.Struct("<Q")
@@ -110,8 +138,8 @@ def check_geometry(payload_size: int, max_message: int) -> str | None:
 
 
 def init_image(payload_size: int, max_message: int) -> bytes:
-    """The control page the broker pwrite()s into a fresh control memfd."""
-    image = bytearray(CONTROL_SIZE)
+    """The index page the broker pwrite()s into a fresh index memfd."""
+    image = bytearray(INDEX_SIZE)
     _STATIC.pack_into(
         image, 0, RING_MAGIC, RING_VERSION, MAX_CONSUMERS, DATA_OFFSET, data_size_for(payload_size), max_message
     )
@@ -119,7 +147,7 @@ def init_image(payload_size: int, max_message: int) -> bytes:
 
 
 def parse_static(buf: bytes | memoryview) -> tuple[int, int] | None:
-    """(data_size, max_message) from a control page, or None if it is not a ring."""
+    """(data_size, max_message) from an index page, or None if it is not a ring."""
     magic, version, slots, data_offset, data_size, max_message = _STATIC.unpack_from(buf, 0)
     if magic != RING_MAGIC or version != RING_VERSION or slots != MAX_CONSUMERS or data_offset != DATA_OFFSET:
         return None

@@ -5,9 +5,11 @@ reports "would block" (None/False), and the waiting layer decides whether to
 spin, sleep on an eventfd or await.  That keeps the algorithm testable on a
 plain shared buffer (tests/test_ring_model.py) and the same for threads and asyncio.
 
-Ordering (x86-64 TSO, see docs/ring.md): a producer writes the record, then
-publishes the write index with one aligned 8-byte store; a consumer loads the
-write index, then reads records below it, then stores its read index.  Every
+Ordering (x86-64 TSO, see docs/ring.md): a producer stores the reserve
+index, writes the record, then publishes the write index with one aligned
+8-byte store; a consumer loads the write index, then reads records below it,
+then loads the reserve index (anything it copied is intact if the producer
+had not reserved past it by a whole lap), then stores its read index.  Every
 index one side reads from the other is validated before it is used, because
 the other side may be buggy, hostile or dead half-way through.
 """
@@ -30,13 +32,15 @@ _REC_unpack = L.RECORD.unpack_from
 _REVOKED = REVOKED_OFFSET // 8
 _KIND_MSG = L.KIND_MSG
 _KIND_PAD = L.KIND_PAD
-# Word indices into the control page viewed as native u64 (little-endian
-# hosts only, see layout.py).
+# Word indices into the pages viewed as native u64 (little-endian hosts
+# only, see layout.py).  Index page:
 _W_WRITE = L.OFF_WRITE // 8
 _W_LOW = L.OFF_LOW // 8
+_W_RESERVE = L.OFF_RESERVE // 8
 _W_MEMBERS = L.OFF_MEMBERS // 8
-_W_SLEEPING = L.OFF_SLEEPING // 8
 _W_PRODUCER_WAITING = L.OFF_PRODUCER_WAITING // 8
+# Control page:
+_W_SLEEPING = L.OFF_SLEEPING // 8
 _OFF_SLEEPING = L.OFF_SLEEPING
 # try_recv_many copies at most this many bytes per span (one L1-sized copy).
 _SPAN = 32 * 1024
@@ -73,15 +77,19 @@ def _record(n: int) -> struct.Struct:
 
 
 class _Base:
-    """``control`` is the ring's control page (writable: cursors and flags
-    live there); ``payload`` the segment's payload, read-only for consumers;
-    ``header`` the segment header with the revoked word."""
+    """``control`` is the ring's control page (writable: cursors and sleeping
+    flags live there); ``index`` its index page (static header and the
+    producer's indices; read-only for consumers); ``payload`` the segment's
+    payload, read-only for consumers; ``header`` the segment header with the
+    revoked word."""
 
-    def __init__(self, control: memoryview, payload: memoryview, header: memoryview, name: str) -> None:
+    def __init__(
+        self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
+    ) -> None:
         self.name = name
-        if len(control) < L.CONTROL_SIZE:
-            raise errors.SegmentError(f"the ring control page of channel {name!r} is too small; refusing it")
-        static = L.parse_static(control)
+        if len(control) < L.CONTROL_SIZE or len(index) < L.INDEX_SIZE:
+            raise errors.SegmentError(f"a ring page of channel {name!r} is too small; refusing it")
+        static = L.parse_static(index)
         if static is None:
             raise errors.SegmentError(f"channel {name!r} is not a message ring (bad ring header); attach it as a raw channel")
         data_size, max_message = static
@@ -90,6 +98,7 @@ class _Base:
         self.data_size = data_size
         self.max_message = max_message
         self._ctrl = control[: L.CONTROL_SIZE]
+        self._index = index[: L.INDEX_SIZE]
         self._data = payload[L.DATA_OFFSET : L.DATA_OFFSET + data_size]
         self._header = header
         # Shared words are read and written as items of a 'Q' memoryview:
@@ -98,6 +107,7 @@ class _Base:
         # memset()s the field to zero before writing it, so a concurrent
         # reader can see 0 (observed here as a write index of 0 mid-stream).
         self._cw = self._ctrl.cast("Q")
+        self._iw = self._index.cast("Q")
         self._hw = header[: L.CONTROL_SIZE].cast("Q")
 
     def revoked(self) -> bool:
@@ -114,7 +124,7 @@ class _Base:
         return errors.SegmentError(f"the ring of channel {self.name!r} is corrupt ({what}); detach and attach again")
 
     def release(self) -> None:
-        for view in (self._cw, self._hw, self._ctrl, self._data):
+        for view in (self._cw, self._iw, self._hw, self._ctrl, self._index, self._data):
             try:
                 view.release()
             except BufferError:
@@ -131,20 +141,25 @@ class RingProducer(_Base):
     early_wrap = 128 * 1024
 
     def __init__(
-        self, control: memoryview, payload: memoryview, header: memoryview, name: str,
+        self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
         wake: Callable[[int], None] | None = None,
     ) -> None:
-        super().__init__(control, payload, header, name)
+        super().__init__(control, index, payload, header, name)
         self.check()
         # A previous producer may have published messages nobody consumed;
-        # continue after them.  The stored index is only a hint (consumers
-        # can write the control page), so validate it like any other.
-        w = self._cw[_W_WRITE]
-        low = self._cw[_W_LOW]
+        # continue after them.  Only producers write these words, but a
+        # previous one may have been buggy or died half-way: validate them.
+        iw = self._iw
+        w = iw[_W_WRITE]
+        low = iw[_W_LOW]
+        reserve = iw[_W_RESERVE]
         if w % L.ALIGN or w >= MAX_INDEX or low > w or w - low > self.data_size or low % L.ALIGN:
             raise self.corrupt(f"write index {w}, low {low}")
+        if reserve < w or reserve - w > self.data_size:
+            raise self.corrupt(f"reserve index {reserve} with write index {w}")
         self._w = w
         self._low = low
+        self._reserve = reserve
         self._wake = wake
         self._limit = 0
         self.rescan()
@@ -162,11 +177,12 @@ class RingProducer(_Base):
         slow-consumer policy: we wait for the slowest live consumer).
         """
         cw = self._cw
+        iw = self._iw
         w = self._w
         size = self.data_size
         floor = w - size if w > size else 0
         while True:
-            members = cw[_W_MEMBERS]
+            members = iw[_W_MEMBERS]
             low = None
             if members:
                 for slot in range(L.MAX_CONSUMERS):
@@ -177,13 +193,13 @@ class RingProducer(_Base):
                             low = r
             if low is not None and low > self._low:
                 self._low = low
-                cw[_W_LOW] = low
+                iw[_W_LOW] = low
             # A lone consumer may have joined at the old LOW while we read
             # the departed one's cursor: re-read the membership after
             # publishing LOW (store, fence, load; the broker mirrors it in
             # RingState.attach_consumer) and start over if it changed.
             fence()
-            if cw[_W_MEMBERS] == members:
+            if iw[_W_MEMBERS] == members:
                 break
         # With consumers, the slowest one bounds us, even below LOW (a
         # newcomer that started at the LOW it read before we raised it).
@@ -204,6 +220,7 @@ class RingProducer(_Base):
             pad = size - pos
             if w + pad > self._limit and w + pad > self.rescan():
                 return -1
+            self._reserve_to(w + pad)
             _REC_pack(self._data, pos, pad - L.RECORD_HEADER, _KIND_PAD)
             self._publish(w + pad)
             # Wake sleepers even for a PAD: we may now wait for them to step
@@ -228,14 +245,24 @@ class RingProducer(_Base):
         pad = self.data_size - w % self.data_size
         if w + pad + rec > self._limit and w + pad + rec > self.rescan():
             return
+        self._reserve_to(w + pad)
         _REC_pack(self._data, w % self.data_size, pad - L.RECORD_HEADER, _KIND_PAD)
         self._publish(w + pad)
         self.after_publish()
 
+    def _reserve_to(self, end: int) -> None:
+        """Announce that we may write data up to index ``end`` (exclusive),
+        before writing any of it: a consumer that copied a record starting
+        at r finds reserve > r + data_size if we could have overwritten it
+        meanwhile (docs/ring.md, "robustness").  Never goes back."""
+        if end > self._reserve:
+            self._iw[_W_RESERVE] = end  # one aligned store, like the write index
+            self._reserve = end
+
     def _publish(self, w: int) -> None:
         if w < self._w:  # consumers treat a shrinking index as corruption
             raise AssertionError(f"write index would go back from {self._w} to {w}")
-        self._cw[_W_WRITE] = w  # the one store that makes records visible
+        self._iw[_W_WRITE] = w  # the one store that makes records visible
         self._w = w
 
     def after_publish(self) -> None:
@@ -271,16 +298,18 @@ class RingProducer(_Base):
                 return False
             w = self._w
             end = w + L.RECORD_HEADER + ((n + 7) & ~7)
+        iw = self._iw
+        if end > self._reserve:  # _reserve_to(end), inlined: this is the hot path
+            iw[_W_RESERVE] = self._reserve = end
         data_area = self._data
         _REC_pack(data_area, pos, n, _KIND_MSG)
         data_area[pos + 8 : pos + 8 + n] = data if type(data) is bytes else memoryview(data).cast("B")
-        cw = self._cw
-        cw[_W_WRITE] = end
+        iw[_W_WRITE] = end
         self._w = end
         # after_publish(), inlined: this is the hot path.
         _fence_acquire()
         _fence_release()
-        if cw[_W_SLEEPING] and self._wake is not None:
+        if self._cw[_W_SLEEPING] and self._wake is not None:
             self.after_publish()
         return True
 
@@ -292,6 +321,7 @@ class RingProducer(_Base):
         size = self.data_size
         max_message = self.max_message
         limit = self._limit
+        reserved = self._reserve
         w = self._w
         pos = w % size
         # Hand over every span's worth: with large messages the consumer
@@ -324,8 +354,14 @@ class RingProducer(_Base):
                     pos = self._room(n)
                     w = self._w  # _room may have published a PAD: never go back before it
                     limit = self._limit
+                    reserved = self._reserve
                     if pos < 0:
                         break
+                if w + rec > reserved:
+                    # Reserve up to the next publish at once (one store per
+                    # span, not per message), never past what we may write.
+                    reserved = max(w + rec, min(publish_at, limit))
+                    self._reserve_to(reserved)
                 if pack is not None:
                     pack(data_area, pos, n, _KIND_MSG, view)
                 else:
@@ -354,6 +390,7 @@ class RingProducer(_Base):
         pos = self._room(n)
         if pos < 0:
             return None
+        self._reserve_to(self._w + L.RECORD_HEADER + ((n + 7) & ~7))
         return self._data[pos + 8 : pos + 8 + n]
 
     def commit(self, n: int) -> None:
@@ -375,10 +412,10 @@ class RingConsumer(_Base):
     """One consumer slot: reads every record after its cursor, then advances the cursor."""
 
     def __init__(
-        self, control: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
+        self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
         wake_producer: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(control, payload, header, name)
+        super().__init__(control, index, payload, header, name)
         self.check()
         if not 0 <= slot < L.MAX_CONSUMERS:
             raise errors.SegmentError(f"consumer slot {slot} of channel {name!r} is out of range")
@@ -395,12 +432,30 @@ class RingConsumer(_Base):
 
     def _load_write(self) -> int:
         """Load and validate the producer's write index (untrusted, maybe wiped)."""
-        w = self._cw[_W_WRITE]
+        w = self._iw[_W_WRITE]
         r = self._r
-        if w < r or w - r > self.data_size or w % L.ALIGN:
+        if w < r or w % L.ALIGN:
             raise self.corrupt(f"write index {w} with read index {r}")
+        if w - r > self.data_size:
+            raise self.overwritten()
         self._wc = w
         return w
+
+    def overwritten(self) -> errors.SegmentError:
+        """The producer reserved (or wrote) more than a lap past our cursor:
+        what we had not read is gone, and what we copied may be torn."""
+        self.check()  # a wipe in progress: report it as what it is
+        return errors.SegmentError(
+            f"messages of channel {self.name!r} were overwritten before this consumer read them: "
+            "another peer of the ring moved this consumer's cursor, or the ring is corrupt; attach again"
+        )
+
+    def check_intact(self) -> None:
+        """Raise unless the record at our cursor is still the one we found:
+        the producer writes index x at x % data_size, so it can only have
+        touched [r, r + len) if it reserved past r + data_size."""
+        if self._iw[_W_RESERVE] > self._r + self.data_size:
+            raise self.overwritten()
 
     def next_record(self) -> tuple[int, int]:
         """(offset in the data area, length) of the next message, or (-1, 0) if none.
@@ -423,6 +478,10 @@ class RingConsumer(_Base):
                     raise self.corrupt(f"record of {n} bytes at index {r}")
                 return pos + L.RECORD_HEADER, n
             if kind == _KIND_PAD and n == size - pos - L.RECORD_HEADER and r + size - pos <= self._wc:
+                # A PAD of a later lap sits exactly where ours did: make sure
+                # this one is ours before stepping over what it covers.
+                if self._iw[_W_RESERVE] > r + size:
+                    raise self.overwritten()
                 self._r = r + size - pos
                 # Publish now: the producer may be waiting for exactly this
                 # step (a record that fits only after the PAD is consumed).
@@ -436,12 +495,11 @@ class RingConsumer(_Base):
         self.publish_cursor()
 
     def publish_cursor(self) -> None:
-        cw = self._cw
-        cw[self._slot_off >> 3] = self._r
+        self._cw[self._slot_word] = self._r
         # Store-then-load handshake with a producer that sleeps while full.
         _fence_acquire()
         _fence_release()
-        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
+        if self._iw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
 
     def take(self, into: Any = None) -> Any:
@@ -479,15 +537,20 @@ class RingConsumer(_Base):
             target[:n] = self._data[pos : pos + n]
             out = n
         # Copy first, then check: a wipe sets the revoked word before it
-        # zeroes anything, so a copy that raced with a wipe is never returned.
+        # zeroes anything, and the producer stores its reserve index before
+        # it overwrites anything, so a copy that raced with either is never
+        # returned.
         if self._hw[_REVOKED]:
             self.check()
-        self._r = r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)
-        cw = self._cw
-        cw[self._slot_word] = r
+        iw = self._iw
+        r = self._r
+        if iw[_W_RESERVE] > r + self.data_size:
+            raise self.overwritten()
+        self._r = r = r + L.RECORD_HEADER + ((n + 7) & ~7)
+        self._cw[self._slot_word] = r
         _fence_acquire()
         _fence_release()
-        if cw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
+        if iw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
         return out
 
@@ -526,6 +589,9 @@ class RingConsumer(_Base):
             # A record larger than the span would be copied twice; a PAD or
             # a corrupt header not at all: both take the checked path below.
             chunk = bytes(data[pos : pos + span]) if kind == _KIND_MSG and 8 + n <= span else b""
+            # Copy, then check (see take): a lap-old chunk is never parsed.
+            if chunk and self._iw[_W_RESERVE] > r + size:
+                raise self.overwritten()
             off = 0
             while off < len(chunk) and len(out) < max_count:
                 if off + last_rec <= span:
@@ -552,6 +618,7 @@ class RingConsumer(_Base):
                 if pos < 0:
                     break
                 append(bytes(data[pos : pos + n]))
+                self.check_intact()
                 # A big record: free its space now so the producer can refill
                 # it while we copy the next one.
                 self._r = r = self._r + L.RECORD_HEADER + ((n + 7) & ~7)

@@ -225,8 +225,13 @@ class RingModel(RuleBasedStateMachine):
         if not hasattr(self, "seg"):
             return
         w = self.producer.write_index
+        reserve = L.U64.unpack_from(self.seg.index_ro, L.OFF_RESERVE)[0]
+        assert reserve == self.producer._reserve and w <= reserve
         for m in self.members:
             assert w - self.producer.data_size <= m.ring._r <= w
+            # No false alarm: an honest producer never reserves more than a
+            # lap past any live consumer.
+            assert reserve <= m.ring._r + self.producer.data_size
 
 
 RingModel.TestCase.settings = settings(
@@ -439,4 +444,32 @@ def test_a_view_torn_by_an_overwrite_raises_on_exit() -> None:
         for r in (victim.ring if victim else None, hostile.ring if hostile else None):
             if r is not None:
                 r.release()
+        seg.close()
+
+
+def test_a_later_laps_pad_over_an_unread_message_is_not_stepped_over() -> None:
+    """The victim's next record is a small message at the end of the area;
+    the producer, let in by a forged cursor, puts the next lap's PAD exactly
+    there and stops (the other consumer holds it).  Stepping over that PAD
+    would silently skip the message and then deliver the next lap's first
+    one, which is intact: the PAD itself must be checked."""
+    seg = Segment(L.DATA_OFFSET + 4096, 1000)
+    try:
+        victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        sent = [message(i, 1000) for i in range(4)] + [message(4, 56)]  # exactly one lap
+        for msg in sent:
+            assert producer.try_send(msg)
+        assert [victim.ring.take() for _ in range(4)] == sent[:4]  # the 56-byte one is unread
+        assert hostile.ring.try_recv_many(10) == sent
+        L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+        for i in range(5, 9):
+            assert producer.try_send(message(i, 1000))
+        assert not producer.try_send(message(9, 1000))  # the PAD went out, the record waits for the hostile one
+        assert producer.write_index == 2 * 4096
+        with pytest.raises(errors.SegmentError, match="overwritten"):
+            victim.ring.take()
+        for r in (victim.ring, hostile.ring, producer):
+            r.release()
+    finally:
         seg.close()

@@ -216,7 +216,8 @@ class Attachment(RingMethods):
             else:
                 assert reply.slot is not None
                 self._ring = Receiver(
-                    ctrl, index, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1]
+                    ctrl, index, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1],
+                    start=reply.start,
                 )
             self._bind_ring_fast_paths()
 

@@ -5,6 +5,7 @@ resize or reopen."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import threading
@@ -138,7 +139,7 @@ def _ring_reply_and_fds(control: int, index: int) -> tuple[m.Attached, list[int]
     fds = [segment, control, index, eventfd.create(), eventfd.create()]
     reply = m.Attached(
         channel="x", role="consumer", size=65536, generation=1, layout=LAYOUT_VERSION,
-        fds=("segment", *CONSUMER_FD_NAMES), ring=True, slot=0,
+        fds=("segment", *CONSUMER_FD_NAMES), ring=True, slot=0, start=0,
     )
     return reply, fds
 
@@ -199,6 +200,21 @@ def test_client_refuses_a_ring_page_a_peer_could_resize_or_open(make: Any, reaso
         reason = f"index page.*{reason}|{reason}.*index page" if reason != "not a memfd" else "index page that is not a memfd"
     received = list(fds)
     with pytest.raises(errors.SegmentError, match=reason):
+        take_ring_fds(reply, fds)
+    assert fds == []
+    for fd in received:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+@pytest.mark.parametrize("start", [None, 12])
+def test_client_refuses_a_ring_consumer_reply_without_a_usable_start_index(start: int | None) -> None:
+    """Without the start index in the reply the consumer would take it from
+    the control page, which every consumer of the ring can write."""
+    reply, fds = _ring_reply_and_fds(create_control(), _index_ro())
+    reply = dataclasses.replace(reply, start=start)
+    received = list(fds)
+    with pytest.raises(errors.ProtocolError, match="start index"):
         take_ring_fds(reply, fds)
     assert fds == []
     for fd in received:

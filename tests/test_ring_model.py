@@ -65,7 +65,10 @@ class Segment:
 class Member:
     def __init__(self, seg: Segment, alone: bool) -> None:
         self.slot, _, _ = seg.state.attach_consumer(self, "model")
-        self.ring = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot)
+        # The start index as the attach reply carries it (the client's path).
+        self.ring = RingConsumer(
+            seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot, start=seg.state.starts[self.slot]
+        )
         # Joining live readers starts at the newest message; joining an
         # unread ring starts at the oldest retained one, which we learn on
         # the first receive.
@@ -281,6 +284,33 @@ def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bo
         assert got == sent
         member.ring.release()
         producer.release()
+    finally:
+        seg.close()
+
+
+def test_a_newcomer_starts_where_the_broker_said_whatever_the_shared_page_says() -> None:
+    """Between the broker's store of a newcomer's start index and the
+    newcomer's first look, any consumer of the ring can write that slot of
+    the shared control page.  The newcomer takes its start from the attach
+    reply and writes it back, so a forged start neither replays older
+    messages nor lands it mid-record."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        old = Member(seg, alone=True)
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        for i in range(3):
+            assert producer.try_send(message(i, 100))
+        slot, _, _ = seg.state.attach_consumer("newcomer", "model")
+        start = seg.state.starts[slot]
+        assert start == producer.write_index  # live readers: it starts at the newest
+        L.U64.pack_into(seg.control, L.slot_offset(slot), 0)  # the forgery: "start at the oldest"
+        newcomer = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, start=start)
+        assert L.U64.unpack_from(seg.control, L.slot_offset(slot))[0] == start
+        assert newcomer.try_recv() is None, "the newcomer replayed messages sent before it joined"
+        assert producer.try_send(message(3, 100))
+        assert newcomer.try_recv() == message(3, 100)
+        for r in (newcomer, old.ring, producer):
+            r.release()
     finally:
         seg.close()
 

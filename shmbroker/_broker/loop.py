@@ -554,7 +554,7 @@ class Broker:
         reply = m.Attached(
             channel=channel.name, role=request.role, size=segment.size,
             generation=segment.generation, layout=LAYOUT_VERSION, fds=fd_names,
-            ring=ring is not None, slot=slot,
+            ring=ring is not None, slot=slot, start=None if ring is None or slot is None else ring.starts[slot],
         )
         self._send(session, reply, fds)
 

@@ -89,6 +89,8 @@ class RingState:
         self.producer_efd = -1
         self.consumer_efds: list[int] = []
         self.slots: list[object | None] = [None] * L.MAX_CONSUMERS
+        # The read index each slot's consumer starts at, for the attach reply.
+        self.starts: list[int] = [0] * L.MAX_CONSUMERS
         self.producer: object | None = None
         try:
             self.fd = create_control()
@@ -146,6 +148,8 @@ class RingState:
             now = self._read_index(L.OFF_LOW)
             if now > start:
                 os.pwrite(self.fd, L.U64.pack(now), L.slot_offset(slot))
+                start = now
+        self.starts[slot] = start
         self.slots[slot] = session
         eventfd.drain(self.consumer_efds[slot])
         return slot, [self.fd, self.index_ro_fd, self.consumer_efds[slot], self.producer_efd], CONSUMER_FD_NAMES

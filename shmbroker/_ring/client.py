@@ -76,6 +76,10 @@ def take_ring_fds(reply: m.Attached, fds: list[int]) -> tuple[RingPages | None, 
             return None, []
         if reply.role == "consumer" and (reply.slot is None or not 0 <= reply.slot < L.MAX_CONSUMERS):
             raise errors.ProtocolError(f"the broker assigned consumer slot {reply.slot}, which does not exist")
+        if reply.role == "consumer" and (reply.start is None or reply.start % L.ALIGN):
+            # Without it the start would come from the control page, which
+            # every consumer of the ring can write.
+            raise errors.ProtocolError(f"the broker sent ring consumer start index {reply.start}; expected an aligned index")
         check_page(fds[1], "control page")
         check_page(fds[2], "index page")
         for fd in fds[3:]:

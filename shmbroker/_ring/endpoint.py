@@ -111,12 +111,14 @@ class Receiver:
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
-        slot_fd: int, producer_fd: int,
+        slot_fd: int, producer_fd: int, start: int | None = None,
     ) -> None:
         self.fds = [slot_fd, producer_fd]
         self._fd = slot_fd
         self._producer_fd = producer_fd
-        self.ring = RingConsumer(control, index, payload, header, name, slot, wake_producer=self._wake_producer)
+        self.ring = RingConsumer(
+            control, index, payload, header, name, slot, wake_producer=self._wake_producer, start=start
+        )
 
     def _wake_producer(self) -> None:
         eventfd.signal(self._producer_fd)

@@ -413,8 +413,11 @@ class RingConsumer(_Base):
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
-        wake_producer: Callable[[], None] | None = None,
+        wake_producer: Callable[[], None] | None = None, start: int | None = None,
     ) -> None:
+        """``start`` is the first read index, from the broker's attach reply;
+        None reads it from the slot instead, which only a caller that owns
+        the control page (a test) may rely on: other consumers can write it."""
         super().__init__(control, index, payload, header, name)
         self.check()
         if not 0 <= slot < L.MAX_CONSUMERS:
@@ -423,9 +426,11 @@ class RingConsumer(_Base):
         self._slot_off = L.slot_offset(slot)
         self._slot_word = self._slot_off >> 3
         self._sleep_off = _OFF_SLEEPING + slot
-        r = self._cw[self._slot_off >> 3]
+        r = self._cw[self._slot_off >> 3] if start is None else start
         if r % L.ALIGN or r >= MAX_INDEX:
             raise self.corrupt(f"read index {r}")
+        if start is not None:
+            self._cw[self._slot_word] = r  # undo anything written there since the broker's store
         self._r = r
         self._wc = r  # the last write index seen; records below it are published
         self._wake_producer = wake_producer

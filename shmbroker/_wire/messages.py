@@ -88,6 +88,10 @@ class Attached(Message):
     fds: tuple[str, ...]
     ring: bool = False
     slot: int | None = None  # a ring consumer's slot
+    # A ring consumer's first read index.  Sent here, not only written into
+    # the shared control page, because any other consumer of the ring can
+    # write that page between the broker's write and the newcomer's read.
+    start: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +165,7 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
         "fds": (lambda v: type(v) is list and len(v) <= 16 and all(_text(k) for k in v), True),
         "ring": (lambda v: type(v) is bool, False),
         "slot": (lambda v: v is None or (_uint(v) and v < 64), False),
+        "start": (lambda v: v is None or (_uint(v) and v < 2**62), False),
     },
     Detached: {},
     StatusReply: {"status": (lambda v: type(v) is dict, True)},

@@ -20,9 +20,8 @@ DEPTH = 8
 # Per-message bookkeeping a ring may keep next to each payload; generous, so
 # the ring never holds fewer than DEPTH messages whatever its record format.
 RECORD_OVERHEAD = 64
-# The ring's control page in front of its data, and the smallest data area
-# it accepts (one page each in issue 3's layout).
-CONTROL = PAGE_SIZE
+# The smallest data area a ring accepts (one page).  The whole payload is
+# data: the ring's indices live in pages of their own (docs/ring.md).
 MIN_DATA = PAGE_SIZE
 # A consumer may start before its producer created the channel.
 ATTACH_WAIT = 10.0
@@ -30,7 +29,7 @@ ATTACH_WAIT = 10.0
 
 def ring_size(message: int) -> int:
     """Payload bytes of a ring channel holding DEPTH messages of this size."""
-    return CONTROL + max(MIN_DATA, DEPTH * (message + RECORD_OVERHEAD))
+    return max(MIN_DATA, DEPTH * (message + RECORD_OVERHEAD))
 
 
 def _blocking(method: Any) -> dict[str, Any]:

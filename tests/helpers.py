@@ -143,3 +143,13 @@ def run_in_child(fn: Callable[[], Any], *, uid: int | None = None, gid: int | No
     if result[0] == "err":
         raise ChildError(*result[1:])
     return result[1]
+
+
+def mapping_permissions(address: int) -> str:
+    """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            if int(span.split("-")[0], 16) == address:
+                return perms
+    raise AssertionError(f"no mapping starts at {address:#x}")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from adversary import RawPeer, hello_attach, policy_toml, wait_until, write_config
-from helpers import NOBODY, run_in_child
+from helpers import NOBODY, mapping_permissions, run_in_child
 from shmbroker import ShmClient, errors
 from shmbroker._layout import HEADER_SIZE
 from shmbroker._sys import memfd
@@ -328,7 +328,7 @@ def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path
                 assert _try_to_write(fd) == []
                 # The library's own consumer maps the segment read-only too:
                 # the kernel refuses its writes, not just the memoryview.
-                assert _mapping_permissions(reader._mapping.address) == "r--s"
+                assert mapping_permissions(reader._mapping.address) == "r--s"
                 with pytest.raises(TypeError, match="read-only"):
                     reader.buf[:5] = b"owned"
                 if ring:
@@ -344,11 +344,3 @@ def test_consumer_cannot_modify_the_payload(broker_factory: Any, short_tmp: Path
             consumer.close()
 
 
-def _mapping_permissions(address: int) -> str:
-    """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            if int(span.split("-")[0], 16) == address:
-                return perms
-    raise AssertionError(f"no mapping starts at {address:#x}")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from adversary import RawPeer, hello_attach, policy_toml, wait_until, write_config
+from helpers import mapping_permissions
 from shmbroker import ShmClient, errors
 from shmbroker._layout import LAYOUT_VERSION
 from shmbroker._ring import layout as L
@@ -259,23 +260,13 @@ def test_a_consumer_cannot_write_the_ring_index_page(broker_factory: Any, short_
             assert _index_page_writes(hostile.fds[2]) == []
             with ShmClient.attach("ch", "consumer", socket_path=b.socket) as reader:
                 assert reader._pages is not None and reader._ring is not None
-                assert _mapping_permissions(reader._pages.index.address) == "r--s"
+                assert mapping_permissions(reader._pages.index.address) == "r--s"
                 with pytest.raises(TypeError, match="read-only"):
                     reader._ring.ring._iw[L.OFF_WRITE // 8] = 8
                 producer.send(b"intact")
                 assert reader.recv(timeout=5) == b"intact"  # and it still receives
         finally:
             hostile.close()
-
-
-def _mapping_permissions(address: int) -> str:
-    """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            if int(span.split("-")[0], 16) == address:
-                return perms
-    raise AssertionError(f"no mapping starts at {address:#x}")
 
 
 @pytest.mark.xfail(

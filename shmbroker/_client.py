@@ -204,7 +204,6 @@ class Attachment(RingMethods):
         # flags, writable by every peer) and the index page (read-only for
         # consumers); consumers map the segment itself read-only.
         self._pages = pages
-        self._control = pages.control if pages is not None else None
         if reply.ring:
             assert pages is not None
             payload = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
@@ -267,6 +266,11 @@ class Attachment(RingMethods):
             self._mapping.close()
             if self._pages is not None:
                 self._pages.close()
+
+    @property
+    def _control(self) -> Mapping | None:
+        """The ring's shared control page (tests write it as a hostile peer would)."""
+        return None if self._pages is None else self._pages.control
 
     def __enter__(self) -> Attachment:
         return self

@@ -182,13 +182,17 @@ class RingModel(RuleBasedStateMachine):
                 if member.expected is not None:
                     member.expected = -1
                 return
-            seq = SEQ.unpack_from(got)[0]
-            if member.expected is None:
-                assert seq < self.sent
-            else:
-                assert seq == member.expected, f"expected message {member.expected}, got {seq}"
-            assert got == message(seq, len(got)), "message bytes differ from what was sent"
-            member.expected = seq + 1
+            self._received(member, got)
+
+    def _received(self, member: Member, msg: bytes) -> None:
+        """The next message a member got: in order, exactly once, byte-exact."""
+        seq = SEQ.unpack_from(msg)[0]
+        if member.expected is None:
+            assert seq < self.sent
+        else:
+            assert seq == member.expected, f"expected message {member.expected}, got {seq}"
+        assert msg == message(seq, len(msg)), "message bytes differ from what was sent"
+        member.expected = seq + 1
 
     @precondition(lambda self: self.members)
     @rule(index=st.integers(0, L.MAX_CONSUMERS - 1), batch=st.integers(1, 30))
@@ -197,13 +201,7 @@ class RingModel(RuleBasedStateMachine):
         got = member.ring.try_recv_many(batch)
         assert len(got) <= batch
         for msg in got:
-            seq = SEQ.unpack_from(msg)[0]
-            if member.expected is None:
-                assert seq < self.sent
-            else:
-                assert seq == member.expected, f"expected message {member.expected}, got {seq}"
-            assert msg == message(seq, len(msg)), "message bytes differ from what was sent"
-            member.expected = seq + 1
+            self._received(member, msg)
         if len(got) < batch:
             assert member.expected in (None, -1, self.sent), "a batch stopped early with messages left"
             if member.expected is not None:

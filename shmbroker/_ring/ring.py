@@ -485,8 +485,7 @@ class RingConsumer(_Base):
             if kind == _KIND_PAD and n == size - pos - L.RECORD_HEADER and r + size - pos <= self._wc:
                 # A PAD of a later lap sits exactly where ours did: make sure
                 # this one is ours before stepping over what it covers.
-                if self._iw[_W_RESERVE] > r + size:
-                    raise self.overwritten()
+                self.check_intact()
                 self._r = r + size - pos
                 # Publish now: the producer may be waiting for exactly this
                 # step (a record that fits only after the PAD is consumed).

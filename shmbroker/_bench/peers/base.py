@@ -32,6 +32,15 @@ class Sender(abc.ABC):
         pass
 
 
+def copy_into(buf: bytearray, data: bytes | memoryview) -> int:
+    """Copy a received message into the consumer's buffer with one memmove;
+    its length.  ``buf[:n] = data`` would copy twice: CPython first turns any
+    source that is not a bytearray into a temporary bytearray."""
+    n = len(data)
+    memoryview(buf)[:n] = data
+    return n
+
+
 class Receiver(abc.ABC):
     @abc.abstractmethod
     def recv_into(self, buf: bytearray) -> int:

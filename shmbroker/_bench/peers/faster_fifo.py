@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .base import Lane, Peer, Receiver, Sender
+from .base import Lane, Peer, Receiver, Sender, copy_into
 
 # faster-fifo raises Full/Empty after its timeout (10 s by default); a slow
 # machine must not turn into a spurious failure, the harness has its own.
@@ -29,9 +29,7 @@ class _Get(Receiver):
 
     def recv_into(self, buf: bytearray) -> int:
         item = self.queue.get(timeout=BLOCK_TIMEOUT)
-        n = len(item)
-        buf[:n] = item
-        return n
+        return copy_into(buf, item)
 
 
 class _FifoLane(Lane):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-from .base import Lane, Peer, Receiver, Sender
+from .base import Lane, Peer, Receiver, Sender, copy_into
 
 # Bounded like the other peers, so a fast producer blocks instead of
 # buffering the whole run in its feeder thread's memory.
@@ -31,9 +31,7 @@ class _Get(Receiver):
 
     def recv_into(self, buf: bytearray) -> int:
         item = self.queue.get()
-        n = len(item)
-        buf[:n] = item
-        return n
+        return copy_into(buf, item)
 
 
 class _QueueLane(Lane):

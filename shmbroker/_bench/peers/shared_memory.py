@@ -13,7 +13,7 @@ import struct
 from multiprocessing import shared_memory
 from typing import Any
 
-from .base import Lane, Peer, Receiver, Sender
+from .base import Lane, Peer, Receiver, Sender, copy_into
 
 # Eight slots: enough to keep both sides busy, the same depth as the other
 # shared-memory peers get.
@@ -48,7 +48,7 @@ class _SlotReader(Receiver):
         off = (self.i % SLOTS) * lane.stride
         self.i += 1
         (n,) = _LEN.unpack_from(lane.buf, off)
-        buf[:n] = lane.buf[off + _LEN.size : off + _LEN.size + n]
+        copy_into(buf, lane.buf[off + _LEN.size : off + _LEN.size + n])
         lane.empty.release()
         return n
 

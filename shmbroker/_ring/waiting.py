@@ -17,11 +17,14 @@ level-triggered, so there is no window between the re-check and poll().
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
 from .._sys import eventfd
 from .ring import fence
+
+_yield = os.sched_yield
 
 # Spin this long before sleeping: about what one sleep + wake-up through
 # poll(2) and an eventfd costs from Python, so spinning longer cannot win
@@ -52,6 +55,11 @@ def _spin(ready: Callable[[], bool], deadline: float | None) -> bool:
             return True
         if time.monotonic() >= end:
             return False
+        # Give the CPU away between polls: when the scheduler puts producer
+        # and consumer on one CPU, a pure busy loop would burn the slice the
+        # other side needs to make progress.  With a CPU each, sched_yield
+        # returns at once (about 0.3 us) and the spin is as fast as before.
+        _yield()
 
 
 def _sleep_budget(deadline: float | None, max_sleep: float | None) -> float | None:

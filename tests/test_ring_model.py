@@ -260,8 +260,8 @@ def test_revoked_segment_raises_on_next_operation() -> None:
 
 @pytest.mark.parametrize("keeps_up", [True, False])
 def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bool) -> None:
-    """The early-wrap policy: with every consumer caught up, the third large
-    record goes back to offset 0 behind a PAD instead of further into the
+    """The early-wrap policy: with every consumer caught up, the large record
+    after ``early_wrap_records`` of them goes back to offset 0 behind a PAD instead of further into the
     area; a consumer that lags keeps the ordinary placement.  Either way it
     receives every message intact."""
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
@@ -271,13 +271,14 @@ def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bo
         producer.early_wrap = 1000
         rec = L.RECORD_HEADER + 1000
         sent, got = [], []
-        for i in range(3):
+        records = producer.early_wrap_records
+        for i in range(records + 1):
             sent.append(message(i, 1000))
             assert producer.try_send(sent[-1])
             if keeps_up:
                 got.append(member.ring.try_recv())
         offset = (producer.write_index - rec) % producer.data_size
-        assert offset == (0 if keeps_up else 2 * rec)
+        assert offset == (0 if keeps_up else records * rec)
         got.extend(iter(member.ring.try_recv, None))
         assert got == sent
         member.ring.release()

@@ -534,7 +534,8 @@ class RingConsumer(_Base):
         self.check()  # a wipe in progress: report it as what it is
         return errors.SegmentError(
             f"messages of channel {self.name!r} were overwritten before this consumer read them: "
-            "another peer of the ring moved this consumer's cursor, or the ring is corrupt; attach again"
+            "this consumer's cursor was moved behind its back (only this process and the ring's producer "
+            "hold its cursor page), or the ring is corrupt; attach again"
         )
 
     def check_intact(self) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import fcntl
 import mmap
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -566,3 +567,57 @@ def test_a_consumer_clearing_anothers_sleeping_flag_only_delays_its_wake_up(brok
         thread.join(10)
         assert got == [b"late, not lost"]
         assert hostile.recv(timeout=2) == b"late, not lost"
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_producer_that_cannot_fetch_a_cursor_page_stays_within_the_newcomers_start(
+    broker_factory: Any, fault: str
+) -> None:
+    """A consumer joins; the broker stops answering (stopped: the fetch
+    times out) or dies (the fetch fails) before the producer fetched the
+    newcomer's page.  Another consumer keeps up, yet the producer bounds
+    itself by the newcomer's start index: a ring's worth of messages, all
+    delivered, then Full, never an overwrite.  A stopped broker that
+    resumes answers the late request and the next one, and the producer
+    goes on."""
+    b = broker_factory()
+    kw: dict[str, Any] = {"socket_path": b.socket}
+    p = ShmClient.attach("r", "producer", size=16 * 1024, ring=True, max_message=1000, **kw)
+    keeper = ShmClient.attach("r", "consumer", **kw)
+    c = None
+    try:
+        for i in range(40):  # a few laps: the producer fetches the keeper's page
+            p.send(bytes(1000), timeout=2)
+            keeper.recv(timeout=2)
+        assert p._ring.ring._cursors[keeper._ring.ring.slot] is not None
+        c = ShmClient.attach("r", "consumer", **kw)
+        start = c._ring.ring._r
+        os.kill(b.pid, getattr(signal, fault))
+        if fault == "SIGKILL":
+            b.proc.wait()
+        try:
+            sent = []
+            for i in range(40):  # bounded: a producer that ignored the newcomer would never be full
+                msg = i.to_bytes(2, "little") * 500
+                try:
+                    p.send(msg, timeout=0)
+                except errors.Full:
+                    break
+                sent.append(msg)
+                assert keeper.recv(timeout=2) == msg
+            assert 0 < len(sent) < 40
+            assert p._ring.ring.write_index <= start + p._ring.ring.data_size
+            assert _drain(c) == sent, "the newcomer lost messages while the producer had no cursor page"
+            with pytest.raises(errors.Full):
+                p.send(b"still bounded by the start index", timeout=0)
+        finally:
+            if fault == "SIGSTOP":
+                os.kill(b.pid, signal.SIGCONT)
+        if fault == "SIGSTOP":
+            p.send(b"after the stall", timeout=10)  # the retry collects both replies
+            assert c.recv(timeout=5) == b"after the stall"
+            assert p._ring.ring._cursors[c._ring.ring.slot] is not None
+    finally:
+        for att in (p, keeper, c):
+            if att is not None:
+                att.close()

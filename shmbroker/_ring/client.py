@@ -160,8 +160,9 @@ class CursorFetcher:
     current cursor pages on the attachment's own connection.
 
     A timeout or a refusal yields no pages (the producer keeps its safe
-    bound) and no new request for CURSOR_FETCH_RETRY_SECONDS; a reply of
-    a request that timed out is still collected by the next fetch.  A
+    bound) and no new attempt for CURSOR_FETCH_RETRY_SECONDS; the next
+    attempt waits for the reply of the request that timed out rather than
+    sending another.  A
     lost connection stops fetching.  Pages that fail the checks raise
     SegmentError now and on every later fetch (fail closed)."""
 
@@ -180,10 +181,14 @@ class CursorFetcher:
         replies: list[m.CursorPages] = []
         try:
             link.deadline = time.monotonic() + CURSOR_FETCH_TIMEOUT
-            link.send(m.Cursors())
-            # Every request still pending (this one, and any that timed out
-            # earlier) gets its reply in order; all of their fds then sit in
-            # the link, in the same order.
+            # A request that timed out is still pending: wait for its reply
+            # instead of piling up requests behind a stalled broker.  If that
+            # reply is already out of date, the producer finds the slot's
+            # serial still unmatched and asks again at a later rescan.
+            if not link.conn.awaiting:
+                link.send(m.Cursors())
+            # Every pending request gets its reply in order; all of their fds
+            # then sit in the link, in the same order.
             while link.conn.awaiting:
                 reply = link.receive()
                 if not isinstance(reply, m.CursorPages):

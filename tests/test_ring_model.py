@@ -669,3 +669,40 @@ def test_a_slots_old_page_is_not_trusted_for_its_next_consumer() -> None:
             r.release()
     finally:
         seg.close()
+
+
+def test_the_broker_bumps_the_generation_after_every_membership_change() -> None:
+    """What the producer's consistency check relies on: every attach and
+    every detach moves the generation, and a slot's next occupant gets a
+    new serial, its start index in the index page and a new cursor page
+    (the old one's fd is closed by the broker)."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        def word(offset: int) -> int:
+            return int(L.U64.unpack_from(seg.index_ro, offset)[0])
+
+        g0 = word(L.OFF_MEMBER_GEN)
+        first = Member(seg, alone=True)
+        assert word(L.OFF_MEMBER_GEN) == g0 + 1
+        serial, fd = word(L.serial_offset(first.slot)), seg.state.cursor_fds[first.slot]
+        assert serial != 0 and word(L.start_offset(first.slot)) == seg.state.starts[first.slot]
+        seg.state.detach(first)
+        assert word(L.OFF_MEMBER_GEN) == g0 + 2
+        assert seg.state.cursor_fds[first.slot] == -1
+        with pytest.raises(OSError):
+            os.readlink(f"/proc/self/fd/{fd}")  # closed by the broker (the consumer keeps its mapping)
+        producer = producer_of(seg)
+        for i in range(3):
+            assert producer.try_send(message(i, 100))
+        second = Member(seg, alone=True)
+        assert second.slot == first.slot and word(L.OFF_MEMBER_GEN) == g0 + 3
+        assert word(L.serial_offset(second.slot)) not in (0, serial)
+        assert word(L.start_offset(second.slot)) == seg.state.starts[second.slot] == second.cursor.read()
+        first.cursor.write(2**40)  # the earlier occupant's page is another object
+        assert second.cursor.read() == seg.state.starts[second.slot]
+        for r in (first.ring, second.ring, producer):
+            r.release()
+        first.cursor.close()
+        second.cursor.close()
+    finally:
+        seg.close()

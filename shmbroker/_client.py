@@ -13,7 +13,7 @@ from typing import Any
 from . import errors
 from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
-from ._ring.client import RingPages, take_ring_fds
+from ._ring.client import CursorFetcher, RingPages, take_ring_fds
 from ._ring.endpoint import Receiver, RingMethods, Sender
 from ._ring.layout import resolve_max_message
 from ._sys import fdpass, memfd
@@ -200,9 +200,11 @@ class Attachment(RingMethods):
         self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
         self._ring: Sender | Receiver | None = None
         self._ring_fds = ring_fds or []
-        # A ring's pages (memfds of their own): the control page (cursors and
-        # flags, writable by every peer) and the index page (read-only for
-        # consumers); consumers map the segment itself read-only.
+        # A ring's pages (memfds of their own): the control page (sleeping
+        # flags, writable by every peer), the index page (read-only for
+        # consumers) and a consumer's own cursor page; consumers map the
+        # segment itself read-only.  The producer fetches the consumers'
+        # cursor pages from the broker on this connection when it needs them.
         self._pages = pages
         if reply.ring:
             assert pages is not None
@@ -210,13 +212,14 @@ class Attachment(RingMethods):
             ctrl, index = pages.control.view, pages.index.view
             if reply.role == "producer":
                 self._ring = Sender(
-                    ctrl, index, payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:]
+                    ctrl, index, payload, self._header, self.channel, self._ring_fds[0], self._ring_fds[1:],
+                    fetch_cursors=CursorFetcher(link),
                 )
             else:
-                assert reply.slot is not None
+                assert reply.slot is not None and pages.cursor is not None
                 self._ring = Receiver(
-                    ctrl, index, payload, self._header, self.channel, reply.slot, self._ring_fds[0], self._ring_fds[1],
-                    start=reply.start,
+                    ctrl, index, payload, self._header, self.channel, reply.slot, pages.cursor.view,
+                    self._ring_fds[0], self._ring_fds[1], start=reply.start,
                 )
             self._bind_ring_fast_paths()
 
@@ -271,6 +274,11 @@ class Attachment(RingMethods):
     def _control(self) -> Mapping | None:
         """The ring's shared control page (tests write it as a hostile peer would)."""
         return None if self._pages is None else self._pages.control
+
+    @property
+    def _cursor(self) -> Mapping | None:
+        """A ring consumer's own cursor page (tests write it as a compromised process would)."""
+        return None if self._pages is None else self._pages.cursor
 
     def __enter__(self) -> Attachment:
         return self
@@ -411,8 +419,9 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
         if st.st_size != length:
             raise errors.SegmentError(f"the segment is {st.st_size} bytes, expected {length}; refusing to map it")
         _check_seals(fd)
-        # Consumers never write to the segment (a ring's cursors live in its
-        # control page): map it read-only even where the fd would allow more.
+        # Consumers never write to the segment (a ring's cursors and flags
+        # live in pages of their own): map it read-only even where the fd
+        # would allow more.
         mapping = Mapping(fd, length, writable=reply.role == "producer")
     finally:
         fdpass.close_all(fds)

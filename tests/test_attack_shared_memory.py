@@ -306,7 +306,7 @@ def _try_to_write(fd: int) -> list[str]:
         ("memfd", False),
         pytest.param("posix", False, marks=pytest.mark.xfail(
             strict=True, reason="a posix object has no read-only fd to give: a second open breaks the lease (docs/attacks.md, A6)")),
-        # Ring consumers write only to the ring's control page, a memfd of its own.
+        # Ring consumers write only to the ring's control page and their cursor page, memfds of their own.
         ("memfd", True),
         pytest.param("posix", True, marks=pytest.mark.xfail(
             strict=True, reason="posix ring consumers hold the read-write fd too, for the same reason (docs/attacks.md, A6)")),

@@ -22,6 +22,7 @@ requests = st.one_of(
     st.builds(m.Attach, channel=channel_names, role=st.sampled_from(m.ROLES), size=st.none() | st.integers(1, 2**64 - 1)),
     st.just(m.Detach()),
     st.just(m.StatusRequest()),
+    st.just(m.Cursors()),
 )
 replies = st.one_of(
     st.builds(m.Welcome, version=st.integers(0, 2**64 - 1), broker_pid=st.integers(0, 2**31)),
@@ -35,6 +36,13 @@ replies = st.one_of(
         fds=st.lists(st.text(max_size=20), max_size=16).map(tuple),
     ),
     st.just(m.Detached()),
+    st.integers(0, 16).flatmap(
+        lambda n: st.builds(
+            m.CursorPages,
+            slots=st.lists(st.integers(0, 63), min_size=n, max_size=n).map(tuple),
+            serials=st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n).map(tuple),
+        )
+    ),
     st.builds(m.Error, code=st.sampled_from(m.ERROR_CODES), message=st.text(max_size=200)),
 )
 

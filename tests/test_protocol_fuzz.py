@@ -24,7 +24,7 @@ LONG_EXAMPLES = int(os.environ.get("SHMBROKER_HYPOTHESIS_EXAMPLES", "5000"))
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=80) | st.binary(max_size=40)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
-field_names = st.sampled_from(["version", "protocol", "channel", "role", "size", "fds", "code", "message", "status"]) | st.text(max_size=10)
+field_names = st.sampled_from(["version", "protocol", "channel", "role", "size", "fds", "slots", "serials", "code", "message", "status"]) | st.text(max_size=10)
 bodies = st.builds(
     lambda kind, fields: {"type": kind, **fields},
     st.sampled_from([*m.REQUESTS, *m.REPLIES, "bogus"]) | st.text(max_size=10) | st.integers(),
@@ -75,6 +75,7 @@ requests = st.one_of(
               size=st.none() | st.integers(1, 2**32)),
     st.just(m.Detach()),
     st.just(m.StatusRequest()),
+    st.just(m.Cursors()),
 )
 
 
@@ -97,7 +98,7 @@ class BrokerEnd(RuleBasedStateMachine):
             return False
         if isinstance(msg, m.Attach):
             return not self.attached
-        if isinstance(msg, m.Detach):
+        if isinstance(msg, m.Detach | m.Cursors):
             return self.attached
         return True
 
@@ -123,6 +124,8 @@ class BrokerEnd(RuleBasedStateMachine):
         elif isinstance(ev, m.Detach):
             self.conn.send(m.Detached())
             self.done = True
+        elif isinstance(ev, m.Cursors):
+            self.conn.send(m.CursorPages(slots=(), serials=()))
         else:
             self.conn.send(m.StatusReply(status={}))
 

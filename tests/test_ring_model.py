@@ -1,6 +1,8 @@
 """The ring algorithm without a broker: hypothesis drives one producer and a
 changing set of consumers over a real shared memory object (memfd), using the
-broker's own slot bookkeeping (pread/pwrite on the fd) for joins and leaves."""
+broker's own slot bookkeeping (pread/pwrite on the fd) for joins and leaves,
+and the broker's own cursor pages (mapped here, in-process, as the producer
+would map the ones it fetched)."""
 
 from __future__ import annotations
 
@@ -62,12 +64,63 @@ class Segment:
         os.close(self.fd)
 
 
+class Page:
+    """A cursor page mapped from the broker's fd (mmap keeps its own dup), as a producer or a consumer holds it."""
+
+    def __init__(self, fd: int, *, writable: bool) -> None:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.map = mmap.mmap(fd, L.CURSOR_SIZE, prot=prot)
+        self.view = memoryview(self.map)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a cast of it is still referenced; unmapped when collected
+
+    def write(self, value: int) -> None:
+        """What a process holding this page (writable) can do to the cursor in it."""
+        L.U64.pack_into(self.map, L.OFF_CURSOR, value)
+
+    def read(self) -> int:
+        return int(L.U64.unpack_from(self.map, L.OFF_CURSOR)[0])
+
+
+def attach(seg: Segment, who: object) -> tuple[int, Page]:
+    """The broker's attach of a consumer: its slot and its own cursor page."""
+    slot, _, _ = seg.state.attach_consumer(who, "model")
+    return slot, Page(seg.state.cursor_fds[slot], writable=True)
+
+
+def fetcher(seg: Segment, opened: list[Page] | None = None) -> object:
+    """A producer's fetch_cursors that answers like the broker's cursor_pages, in-process."""
+
+    def fetch() -> list[tuple[int, int, Page]]:
+        pages = []
+        for slot, fd in enumerate(seg.state.cursor_fds):
+            if fd >= 0:
+                pages.append((slot, seg.state.serials[slot], Page(fd, writable=False)))
+        if opened is not None:
+            opened.extend(page for _, _, page in pages)
+        return pages
+
+    return fetch
+
+
+def producer_of(seg: Segment, **kw: object) -> RingProducer:
+    return RingProducer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=fetcher(seg), **kw)  # type: ignore[arg-type]
+
+
 class Member:
     def __init__(self, seg: Segment, alone: bool) -> None:
-        self.slot, _, _ = seg.state.attach_consumer(self, "model")
+        self.slot, self.cursor = attach(seg, self)
         # The start index as the attach reply carries it (the client's path).
         self.ring = RingConsumer(
-            seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot, start=seg.state.starts[self.slot]
+            seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot, self.cursor.view,
+            start=seg.state.starts[self.slot],
         )
         # Joining live readers starts at the newest message; joining an
         # unread ring starts at the oldest retained one, which we learn on
@@ -89,6 +142,12 @@ class RingModel(RuleBasedStateMachine):
         self.seg = Segment(payload, max_message)
         self.max_message = max_message
         self.early_wrap = early_wrap
+        # Whether the producer's requests for cursor pages get an answer (a
+        # broker that is slow or gone: it bounds itself by start indices).
+        self.fetching = True
+        self._fetch = fetcher(self.seg)
+        # Cursor pages of consumers that left and kept their mapping.
+        self.departed: list[Page] = []
         self.producer = self._new_producer()
         self.sent = 0  # next sequence number
         self.members: list[Member] = []
@@ -98,6 +157,9 @@ class RingModel(RuleBasedStateMachine):
         if hasattr(self, "seg"):
             for member in self.members:
                 member.ring.release()
+                member.cursor.close()
+            for page in self.departed:
+                page.close()
             self.producer.release()
             self.seg.close()
 
@@ -110,7 +172,7 @@ class RingModel(RuleBasedStateMachine):
         was_empty = self._caught_up() and self.members
         before = self.producer.write_index
         ok = self.producer.try_send(message(self.sent, size))
-        if was_empty and not ok:
+        if was_empty and not ok and self.fetching:
             # Only possible when the record needs the start of the area and
             # a PAD was published first: once every consumer stepped over it
             # (a receive that finds nothing else), the send must succeed.
@@ -170,6 +232,18 @@ class RingModel(RuleBasedStateMachine):
         member = self.members.pop(index % len(self.members))
         self.seg.state.detach(member)
         member.ring.release()
+        self.departed.append(member.cursor)  # it keeps its mapping of the page (munmap is voluntary)
+
+    @precondition(lambda self: self.departed)
+    @rule(index=st.integers(0, 100), ahead=st.integers(0, 2**20))
+    def departed_moves_its_old_cursor(self, index: int, ahead: int) -> None:
+        """An earlier occupant of a slot writes its old page far forward: the
+        producer must trust only the page of the slot's current attachment."""
+        self.departed[index % len(self.departed)].write(self.producer.write_index + 8 * ahead)
+
+    @rule()
+    def toggle_fetching(self) -> None:
+        self.fetching = not self.fetching
 
     @precondition(lambda self: self.members)
     @rule(index=st.integers(0, L.MAX_CONSUMERS - 1), batch=st.integers(1, 30))
@@ -217,7 +291,10 @@ class RingModel(RuleBasedStateMachine):
         assert self.producer.write_index == w
 
     def _new_producer(self) -> RingProducer:
-        producer = RingProducer(self.seg.control, self.seg.index, self.seg.payload, self.seg.header, "model")
+        producer = RingProducer(
+            self.seg.control, self.seg.index, self.seg.payload, self.seg.header, "model",
+            fetch_cursors=lambda: self._fetch() if self.fetching else [],  # type: ignore[operator]
+        )
         producer.early_wrap = self.early_wrap
         return producer
 
@@ -233,6 +310,9 @@ class RingModel(RuleBasedStateMachine):
             # No false alarm: an honest producer never reserves more than a
             # lap past any live consumer.
             assert reserve <= m.ring._r + self.producer.data_size
+            # Nor may it plan to: its cached bound never passes a live
+            # consumer's real cursor, whatever departed consumers wrote.
+            assert self.producer._limit <= m.ring._r + self.producer.data_size
 
 
 RingModel.TestCase.settings = settings(
@@ -245,7 +325,7 @@ def test_revoked_segment_raises_on_next_operation() -> None:
     seg = Segment(L.DATA_OFFSET + 4096, 100)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         producer.try_send(b"x")
         REVOKED.pack_into(seg.header, 32, 1)
         with pytest.raises(errors.ChannelRevoked):
@@ -267,7 +347,7 @@ def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bo
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         producer.early_wrap = 1000
         rec = L.RECORD_HEADER + 1000
         sent, got = [], []
@@ -287,24 +367,23 @@ def test_large_messages_return_to_the_start_while_consumers_keep_up(keeps_up: bo
         seg.close()
 
 
-def test_a_newcomer_starts_where_the_broker_said_whatever_the_shared_page_says() -> None:
-    """Between the broker's store of a newcomer's start index and the
-    newcomer's first look, any consumer of the ring can write that slot of
-    the shared control page.  The newcomer takes its start from the attach
-    reply and writes it back, so a forged start neither replays older
-    messages nor lands it mid-record."""
+def test_a_newcomer_starts_where_the_broker_said_whatever_its_cursor_page_says() -> None:
+    """The newcomer takes its start from the attach reply and writes it
+    back to its cursor page, so a start forged there (its page is its own
+    since ring layout 4, but the reply is what it trusts) neither replays
+    older messages nor lands it mid-record."""
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         old = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         for i in range(3):
             assert producer.try_send(message(i, 100))
-        slot, _, _ = seg.state.attach_consumer("newcomer", "model")
+        slot, page = attach(seg, "newcomer")
         start = seg.state.starts[slot]
-        assert start == producer.write_index  # live readers: it starts at the newest
-        L.U64.pack_into(seg.control, L.slot_offset(slot), 0)  # the forgery: "start at the oldest"
-        newcomer = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, start=start)
-        assert L.U64.unpack_from(seg.control, L.slot_offset(slot))[0] == start
+        assert start == producer.write_index == page.read()  # live readers: it starts at the newest
+        page.write(0)  # the forgery: "start at the oldest"
+        newcomer = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, page.view, start=start)
+        assert page.read() == start
         assert newcomer.try_recv() is None, "the newcomer replayed messages sent before it joined"
         assert producer.try_send(message(3, 100))
         assert newcomer.try_recv() == message(3, 100)
@@ -319,11 +398,11 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
     seg = Segment(L.DATA_OFFSET + 8192, 1000)
     try:
         member = Member(seg, alone=True)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         assert producer.try_send(b"a" * 100)
         # A hostile consumer claims to be far behind: the producer clamps it
         # to "full" and refuses instead of overwriting or crashing.
-        L.U64.pack_into(seg.control, L.slot_offset(member.slot), 2**63)
+        member.cursor.write(2**63)
         producer.rescan()
         assert producer._limit <= producer.write_index + producer.data_size
         # A corrupt write index (a buggy producer: consumers cannot write
@@ -334,8 +413,8 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
         # A corrupt record header (length past the data area) likewise.
         L.U64.pack_into(seg.index, L.OFF_WRITE, producer.write_index)
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 2**31 - 1, L.KIND_MSG)
-        L.U64.pack_into(seg.control, L.slot_offset(member.slot), 0)
-        fresh = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", member.slot)
+        member.cursor.write(0)
+        fresh = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", member.slot, member.cursor.view)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             fresh.try_recv()
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 5, 77)
@@ -353,7 +432,7 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
     seg = Segment(L.DATA_OFFSET + 4096, 1000)
     try:
         fast, slow = Member(seg, alone=True), Member(seg, alone=False)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         for i in range(4):
             assert producer.try_send(message(i, 1000))
         assert len(fast.ring.try_recv_many(10)) == 4
@@ -363,7 +442,7 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
         assert producer.write_index == 4096
         assert fast.ring.try_recv_many(10) == []
         assert fast.ring._r == 4096
-        assert L.U64.unpack_from(seg.control, L.slot_offset(fast.slot))[0] == 4096
+        assert fast.cursor.read() == 4096
         for m in (fast, slow):
             m.ring.release()
         producer.release()
@@ -374,16 +453,23 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
 def _attack(seg: Segment, size: int, count: int) -> tuple[Member, Member, RingProducer, list[bytes]]:
     """Two consumers; the victim reads the first of two published messages
     (so it caches a write index and reads the next record without reloading
-    it); then a hostile consumer moves the victim's cursor to the write
-    index before each of ``count`` sends, so the producer laps the victim."""
+    it); then the victim's cursor is moved to the write index before each
+    of ``count`` sends, so the producer laps the victim.
+
+    Since ring layout 4 no other consumer can do this (each attachment's
+    cursor page is its own: test_an_earlier_occupant_of_the_slot_cannot_move_the_new_consumers_cursor,
+    tests/test_ring_hostile.py); only a process holding the victim's page,
+    i.e. the victim itself through a bug, which the model plays by writing
+    the page directly.  The reserve-index check these tests exercise is the
+    defence in depth behind the pages."""
     victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-    producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+    producer = producer_of(seg)
     sent = [message(i, size) for i in range(count)]
     assert producer.try_send(sent[0]) and producer.try_send(sent[1])
     assert victim.ring.try_recv_many(1) == sent[:1]
     assert hostile.ring.try_recv_many(2) == sent[:2]
     for msg in sent[2:]:
-        L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+        victim.cursor.write(producer.write_index)
         assert producer.try_send(msg), "the forged cursor should have let the producer lap the victim"
         assert hostile.ring.try_recv() == msg
     return victim, hostile, producer, sent
@@ -422,13 +508,13 @@ def test_a_record_overwritten_after_the_victim_found_it_is_not_returned() -> Non
     seg = Segment(L.DATA_OFFSET + 4096, 1000)
     try:
         victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         assert producer.try_send(message(0, 1000))
         pos, n = victim.ring.next_record()
         assert (pos, n) == (L.RECORD_HEADER, 1000)
         assert hostile.ring.try_recv() == message(0, 1000)
         for i in range(1, 5):  # 4 records of 1008 bytes a lap: the fifth lands on the first
-            L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+            victim.cursor.write(producer.write_index)
             assert producer.try_send(message(i, 1000))
             assert hostile.ring.try_recv() == message(i, 1000)
         assert bytes(seg.payload[pos : pos + n]) == message(4, 1000)  # overwritten under the victim
@@ -451,18 +537,18 @@ def test_a_view_torn_by_an_overwrite_raises_on_exit() -> None:
     victim = hostile = None
     try:
         hostile = Member(seg, alone=True)
-        slot, _, _ = seg.state.attach_consumer("victim", "model")
+        slot, page = attach(seg, "victim")
         victim = Receiver(
-            seg.control, seg.index_ro, seg.payload, seg.header, "model", slot,
+            seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, page.view,
             seg.state.consumer_efds[slot], seg.state.producer_efd,
         )
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         assert producer.try_send(message(0, 1000))
         with pytest.raises(errors.SegmentError, match="overwritten"):
             with victim.receive_view(timeout=0) as view:
                 first = bytes(view[:500])
                 for i in range(1, 5):
-                    L.U64.pack_into(seg.control, L.slot_offset(slot), producer.write_index)
+                    page.write(producer.write_index)
                     assert producer.try_send(message(i, 1000))
                     assert hostile.ring.try_recv() == message(i - 1, 1000)
                 torn = first + bytes(view[500:])
@@ -485,13 +571,13 @@ def test_a_later_laps_pad_over_an_unread_message_is_not_stepped_over() -> None:
     seg = Segment(L.DATA_OFFSET + 4096, 1000)
     try:
         victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model")
+        producer = producer_of(seg)
         sent = [message(i, 1000) for i in range(4)] + [message(4, 56)]  # exactly one lap
         for msg in sent:
             assert producer.try_send(msg)
         assert [victim.ring.take() for _ in range(4)] == sent[:4]  # the 56-byte one is unread
         assert hostile.ring.try_recv_many(10) == sent
-        L.U64.pack_into(seg.control, L.slot_offset(victim.slot), producer.write_index)
+        victim.cursor.write(producer.write_index)
         for i in range(5, 9):
             assert producer.try_send(message(i, 1000))
         assert not producer.try_send(message(9, 1000))  # the PAD went out, the record waits for the hostile one
@@ -500,5 +586,123 @@ def test_a_later_laps_pad_over_an_unread_message_is_not_stepped_over() -> None:
             victim.ring.take()
         for r in (victim.ring, hostile.ring, producer):
             r.release()
+    finally:
+        seg.close()
+
+
+def test_a_producer_without_a_newcomers_page_bounds_itself_by_the_newcomers_start() -> None:
+    """Until the producer has fetched a newcomer's cursor page (the broker
+    is slow or gone), it must not skip that consumer: it bounds itself by
+    the start index the broker wrote into the index page, which the
+    newcomer's cursor never goes below.  Once the fetch works, the page's
+    cursor lets it go further."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    answering = [True]
+    fetch = fetcher(seg)
+    try:
+        reader = Member(seg, alone=True)
+        producer = RingProducer(
+            seg.control, seg.index, seg.payload, seg.header, "model",
+            fetch_cursors=lambda: fetch() if answering[0] else [],  # type: ignore[operator]
+        )
+        for i in range(3):
+            assert producer.try_send(message(i, 1000))
+        assert len(reader.ring.try_recv_many(10)) == 3
+        answering[0] = False
+        newcomer = Member(seg, alone=False)
+        start = seg.state.starts[newcomer.slot]
+        assert start == producer.write_index
+        sent = []
+        # Bounded: a producer that ignored the newcomer would never be full.
+        while len(sent) < 30 and producer.try_send(message(3 + len(sent), 1000)):
+            sent.append(message(3 + len(sent), 1000))
+            assert reader.ring.try_recv() == sent[-1]  # the other consumer keeps up
+        # Bounded by the newcomer's start: a lap of records after it, no more.
+        assert producer.write_index <= start + producer.data_size
+        assert producer._limit == start + producer.data_size
+        got = [newcomer.ring.try_recv() for _ in sent]
+        assert got == sent, "the producer overwrote messages of a consumer whose cursor page it lacked"
+        # Still no page: the newcomer's progress is invisible, the bound stays.
+        assert producer.rescan() == start + producer.data_size
+        answering[0] = True
+        assert producer.rescan() == newcomer.ring._r + producer.data_size > start + producer.data_size
+        assert producer.try_send(message(99, 1000))
+        for r in (reader.ring, newcomer.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_a_slots_old_page_is_not_trusted_for_its_next_consumer() -> None:
+    """The producer holds the page of a slot's earlier occupant, which that
+    occupant keeps mapped and writes far forward after it left.  The slot's
+    next consumer has a new serial, so the producer uses its start index
+    (until it fetches the new page), never the old page."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    answering = [True]
+    fetch = fetcher(seg)
+    try:
+        keeper = Member(seg, alone=True)
+        old = Member(seg, alone=False)
+        producer = RingProducer(
+            seg.control, seg.index, seg.payload, seg.header, "model",
+            fetch_cursors=lambda: fetch() if answering[0] else [],  # type: ignore[operator]
+        )
+        assert producer.try_send(message(0, 1000))
+        keeper.ring.try_recv()
+        old.ring.try_recv()
+        seg.state.detach(old)
+        old.ring.release()
+        answering[0] = False
+        new = Member(seg, alone=False)
+        assert new.slot == old.slot
+        old.cursor.write(producer.write_index + 2**20)  # the earlier occupant's forgery
+        start = seg.state.starts[new.slot]
+        sent = []
+        while len(sent) < 30 and producer.try_send(message(1 + len(sent), 1000)):  # bounded, as above
+            sent.append(message(1 + len(sent), 1000))
+            keeper.ring.try_recv()
+        assert producer.write_index <= start + producer.data_size
+        assert [new.ring.try_recv() for _ in sent] == sent
+        old.cursor.close()
+        for r in (keeper.ring, new.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_the_broker_bumps_the_generation_after_every_membership_change() -> None:
+    """What the producer's consistency check relies on: every attach and
+    every detach moves the generation, and a slot's next occupant gets a
+    new serial, its start index in the index page and a new cursor page
+    (the old one's fd is closed by the broker)."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        def word(offset: int) -> int:
+            return int(L.U64.unpack_from(seg.index_ro, offset)[0])
+
+        g0 = word(L.OFF_MEMBER_GEN)
+        first = Member(seg, alone=True)
+        assert word(L.OFF_MEMBER_GEN) == g0 + 1
+        serial, fd = word(L.serial_offset(first.slot)), seg.state.cursor_fds[first.slot]
+        assert serial != 0 and word(L.start_offset(first.slot)) == seg.state.starts[first.slot]
+        seg.state.detach(first)
+        assert word(L.OFF_MEMBER_GEN) == g0 + 2
+        assert seg.state.cursor_fds[first.slot] == -1
+        with pytest.raises(OSError):
+            os.readlink(f"/proc/self/fd/{fd}")  # closed by the broker (the consumer keeps its mapping)
+        producer = producer_of(seg)
+        for i in range(3):
+            assert producer.try_send(message(i, 100))
+        second = Member(seg, alone=True)
+        assert second.slot == first.slot and word(L.OFF_MEMBER_GEN) == g0 + 3
+        assert word(L.serial_offset(second.slot)) not in (0, serial)
+        assert word(L.start_offset(second.slot)) == seg.state.starts[second.slot] == second.cursor.read()
+        first.cursor.write(2**40)  # the earlier occupant's page is another object
+        assert second.cursor.read() == seg.state.starts[second.slot]
+        for r in (first.ring, second.ring, producer):
+            r.release()
+        first.cursor.close()
+        second.cursor.close()
     finally:
         seg.close()

@@ -55,10 +55,10 @@ RECV_SIZE = 64 * 1024
 # Accepts per loop iteration, so a connection storm cannot starve the
 # sessions that are already established.
 ACCEPT_BURST = 32
-# fds per connection (socket + pidfd) and spare ones for segments, the
-# listener, /proc reads and fds a hostile client sends before we close them
-# (up to SCM_MAX_FD at once).
-FDS_PER_CONNECTION = 2
+# fds per connection (socket + pidfd, and a ring consumer's cursor page)
+# and spare ones for segments, the listener, /proc reads and fds a hostile
+# client sends before we close them (up to SCM_MAX_FD at once).
+FDS_PER_CONNECTION = 3
 FD_HEADROOM = 512
 
 _ERROR_CODES: dict[type[ShmBrokerError], str] = {
@@ -418,6 +418,8 @@ class Broker:
                     f"permission denied: uid {session.uid} may not query status ({self.policy.status.describe()})"
                 )
             self._send(session, m.StatusReply(status=self.status()))
+        elif isinstance(event, m.Cursors):
+            self._cursor_pages(session)
         else:  # pragma: no cover - the connection only surfaces requests
             raise ProtocolError(f"unexpected {event.TYPE}")
 
@@ -526,7 +528,8 @@ class Broker:
         ring = channel.ring
         # Consumers of memfd channels get the read-only fd (see Segment):
         # they cannot change the payload.  Ring consumers write only to the
-        # ring's control page, a memfd of its own (_ring/broker.py).
+        # ring's control page and their own cursor page, memfds of their own
+        # (_ring/broker.py).
         read_only = request.role == "consumer" and segment.readonly_fd >= 0
         fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
         if ring is not None:
@@ -557,6 +560,19 @@ class Broker:
             ring=ring is not None, slot=slot, start=None if ring is None or slot is None else ring.starts[slot],
         )
         self._send(session, reply, fds)
+
+    def _cursor_pages(self, session: Session) -> None:
+        """The ring's producer asks for its consumers' cursor pages (docs/ring.md, "cursors").
+
+        Nobody else gets them: a consumer holding another's page could move
+        that cursor, which is the attack the pages exist to stop."""
+        ring = session.ring
+        if ring is None or session.role != "producer" or session.channel is None or ring is not session.channel.ring:
+            raise PermissionDenied(
+                "permission denied: only the producer attached to a ring channel may fetch its consumers' cursor pages"
+            )
+        slots, serials, fds = ring.cursor_pages(session, session.channel.name)
+        self._send(session, m.CursorPages(slots=tuple(slots), serials=tuple(serials)), fds)
 
     def _create_channel(self, session: Session, request: m.Attach) -> Channel:
         identity = session.peer.identity

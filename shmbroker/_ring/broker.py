@@ -1,14 +1,18 @@
-"""What the broker does to a ring: create its two pages, hand out consumer slots.
+"""What the broker does to a ring: create its pages, hand out consumer slots and cursor pages.
 
-The index page and the control page are memfds of their own (layout.py),
-sealed against resizing so no peer can truncate them and SIGBUS the others;
-they carry no payload, so they need neither the segment's lease nor its
-backend.  Consumers get an O_RDONLY fd of the index page, so the indices
-they trust can only come from the producer and the broker.  Like every
+The index page, the control page and every consumer's cursor page are
+memfds of their own (layout.py), sealed against resizing so no peer can
+truncate them and SIGBUS the others; they carry no payload, so they need
+neither the segment's lease nor its backend.  Consumers get an O_RDONLY fd
+of the index page, so the indices they trust can only come from the
+producer and the broker.  Each consumer attachment gets a fresh cursor
+page that only it, the broker and the ring's producer (on request,
+:meth:`RingState.cursor_pages`) ever hold, so no other consumer can move
+its cursor (docs/attacks.md, A6).  Like every
 broker-side access to shared memory this goes through pread(2) and
 pwrite(2) on the fd, never through a mapping (see _broker/segments.py).
-Values the broker reads back from the control page were written by peers,
-so they are sanitised before use.
+Values the broker reads back from the index page were written by the
+producer, so they are sanitised before use.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 
 from .._sys import eventfd, fdpass, memfd
-from ..errors import ChannelBusy
+from ..errors import ChannelBusy, PermissionDenied
 from . import layout as L
 from .ring import MAX_INDEX
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 # Names of the fds in the Attached message, in SCM_RIGHTS order after "segment".
 CONTROL_FD = "ring.control"
 INDEX_FD = "ring.index"
+CURSOR_FD = "ring.cursor"
 PRODUCER_FD = "ring.producer"
 CONSUMER_FD = "ring.consumer"
 
@@ -38,7 +43,7 @@ def producer_fd_names() -> tuple[str, ...]:
     return (CONTROL_FD, INDEX_FD, PRODUCER_FD, *(consumer_fd_name(k) for k in range(L.MAX_CONSUMERS)))
 
 
-CONSUMER_FD_NAMES = (CONTROL_FD, INDEX_FD, CONSUMER_FD, PRODUCER_FD)
+CONSUMER_FD_NAMES = (CONTROL_FD, INDEX_FD, CURSOR_FD, CONSUMER_FD, PRODUCER_FD)
 
 
 def _create_page(name: str, image: bytes, *, readonly_fd: bool) -> tuple[int, int]:
@@ -69,6 +74,13 @@ def create_control() -> int:
     return _create_page("shmbroker-ring-control", bytes(L.CONTROL_SIZE), readonly_fd=False)[0]
 
 
+def create_cursor(start: int) -> int:
+    """A fresh cursor memfd for one consumer attachment, holding ``start``: mode 0, sealed at CURSOR_SIZE bytes."""
+    image = bytearray(L.CURSOR_SIZE)
+    L.U64.pack_into(image, L.OFF_CURSOR, start)
+    return _create_page("shmbroker-ring-cursor", bytes(image), readonly_fd=False)[0]
+
+
 def create_index(payload_size: int, max_message: int) -> tuple[int, int]:
     """A fresh index memfd (static header, indices), mode 0, sealed at
     INDEX_SIZE bytes, and an O_RDONLY fd of it for consumers."""
@@ -76,11 +88,12 @@ def create_index(payload_size: int, max_message: int) -> tuple[int, int]:
 
 
 class RingState:
-    """The broker's trusted view of one ring: its two pages, eventfds, slots, the producer.
+    """The broker's trusted view of one ring: its pages, eventfds, slots, the producer.
 
     Created and closed with the channel's segment; owns ``fd`` (the control
-    page), ``index_fd`` (the index page) and ``index_ro_fd`` (its read-only
-    twin for consumers)."""
+    page), ``index_fd`` (the index page), ``index_ro_fd`` (its read-only
+    twin for consumers) and ``cursor_fds`` (each attached consumer's cursor
+    page)."""
 
     def __init__(self, payload_size: int, max_message: int) -> None:
         self.fd = -1
@@ -91,6 +104,12 @@ class RingState:
         self.slots: list[object | None] = [None] * L.MAX_CONSUMERS
         # The read index each slot's consumer starts at, for the attach reply.
         self.starts: list[int] = [0] * L.MAX_CONSUMERS
+        # Each attached consumer's cursor page and the serial of its attach
+        # (the producer trusts a page only under the serial the index page shows).
+        self.cursor_fds: list[int] = [-1] * L.MAX_CONSUMERS
+        self.serials: list[int] = [0] * L.MAX_CONSUMERS
+        self._last_serial = 0
+        self._generation = 0
         self.producer: object | None = None
         try:
             self.fd = create_control()
@@ -135,24 +154,56 @@ class RingState:
         # unread data of the newcomer (docs/ring.md, "joining").
         alone = all(s is None for s in self.slots)
         start = self._read_index(L.OFF_LOW if alone else L.OFF_WRITE)
-        os.pwrite(self.fd, L.U64.pack(start), L.slot_offset(slot))
-        self._write_byte(self.fd, L.OFF_SLEEPING + slot, 0)
-        # After the cursor: the producer trusts members' cursors.
-        self._write_byte(self.index_fd, L.OFF_MEMBERS + slot, 1)
-        if alone:
-            # The producer may have raised LOW (from the departed consumer's
-            # cursor) after we read it; it re-reads the membership after that
-            # store, and we re-read LOW after ours: one of us sees the other.
-            # The consumer has not been told its slot yet, so moving its
-            # cursor forward here is safe.
-            now = self._read_index(L.OFF_LOW)
-            if now > start:
-                os.pwrite(self.fd, L.U64.pack(now), L.slot_offset(slot))
-                start = now
+        cursor_fd = create_cursor(start)
+        try:
+            self._last_serial += 1
+            serial = self._last_serial
+            # The start first: until the producer fetched the new cursor page
+            # it bounds itself by this (the consumer never reads below it),
+            # and it never trusts an older page under the new serial.
+            os.pwrite(self.index_fd, L.U64.pack(start), L.start_offset(slot))
+            os.pwrite(self.index_fd, L.U64.pack(serial), L.serial_offset(slot))
+            self._write_byte(self.fd, L.OFF_SLEEPING + slot, 0)
+            self._write_byte(self.index_fd, L.OFF_MEMBERS + slot, 1)
+            self._bump_generation()
+            if alone:
+                # The producer may have raised LOW (from the departed consumer's
+                # cursor) after we read it; it re-reads the generation after that
+                # store, and we re-read LOW after bumping it: one of us sees the
+                # other.  The consumer has not been told its slot yet, so moving
+                # its start forward here is safe (a producer that read the old
+                # one is only more careful).
+                now = self._read_index(L.OFF_LOW)
+                if now > start:
+                    os.pwrite(cursor_fd, L.U64.pack(now), L.OFF_CURSOR)
+                    os.pwrite(self.index_fd, L.U64.pack(now), L.start_offset(slot))
+                    start = now
+        except BaseException:
+            os.close(cursor_fd)
+            raise
         self.starts[slot] = start
         self.slots[slot] = session
+        self.cursor_fds[slot] = cursor_fd
+        self.serials[slot] = serial
         eventfd.drain(self.consumer_efds[slot])
-        return slot, [self.fd, self.index_ro_fd, self.consumer_efds[slot], self.producer_efd], CONSUMER_FD_NAMES
+        fds = [self.fd, self.index_ro_fd, cursor_fd, self.consumer_efds[slot], self.producer_efd]
+        return slot, fds, CONSUMER_FD_NAMES
+
+    def _bump_generation(self) -> None:
+        """Tell the producer the membership changed: after the words it covers,
+        so a producer that reads the same generation before and after its scan
+        saw one consistent membership (no detach + reattach in between)."""
+        self._generation += 1
+        os.pwrite(self.index_fd, L.U64.pack(self._generation), L.OFF_MEMBER_GEN)
+
+    def cursor_pages(self, session: object, channel: str) -> tuple[list[int], list[int], list[int]]:
+        """(slots, serials, fds) of every attached consumer's cursor page, for the ring's producer only."""
+        if session is not self.producer or self.fd < 0:
+            raise PermissionDenied(
+                f"only the producer attached to ring channel {channel!r} may fetch its consumers' cursor pages"
+            )
+        slots = [k for k in range(L.MAX_CONSUMERS) if self.slots[k] is not None and self.cursor_fds[k] >= 0]
+        return slots, [self.serials[k] for k in slots], [self.cursor_fds[k] for k in slots]
 
     def detach(self, session: object) -> None:
         if self.fd < 0:
@@ -165,8 +216,13 @@ class RingState:
                 try:
                     self._write_byte(self.index_fd, L.OFF_MEMBERS + slot, 0)
                     self._write_byte(self.fd, L.OFF_SLEEPING + slot, 0)
+                    self._bump_generation()
                 except OSError as exc:
                     log.warning("could not free consumer slot %d: %s", slot, exc.strerror)
+                # The consumer and the producer keep their mappings of the
+                # page; the next occupant of the slot gets a fresh one.
+                fdpass.close_all([fd for fd in self.cursor_fds[slot : slot + 1] if fd >= 0])
+                self.cursor_fds[slot] = -1
                 # No eventfd signal to the producer waiting for this consumer:
                 # it re-checks on its own (PRODUCER_RECHECK_SECONDS), and the
                 # broker never writes to an eventfd a peer holds (waiting.py).
@@ -175,8 +231,9 @@ class RingState:
         # Sleepers learn of the revocation by their periodic re-check.
         # Peers keep their own mappings of the pages; without the segment's
         # data they are just indices, freed when the last one unmaps.
-        fds = (self.fd, self.index_fd, self.index_ro_fd, self.producer_efd, *self.consumer_efds)
+        fds = (self.fd, self.index_fd, self.index_ro_fd, self.producer_efd, *self.consumer_efds, *self.cursor_fds)
         fdpass.close_all([fd for fd in fds if fd >= 0])
         self.fd = self.index_fd = self.index_ro_fd = -1
+        self.cursor_fds = [-1] * L.MAX_CONSUMERS
         self.producer_efd = -1
         self.consumer_efds = []

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import errors
 from .._sys import eventfd
 from . import layout as L
-from .ring import RingConsumer, RingProducer
+from .ring import FetchedCursors, RingConsumer, RingProducer
 from .waiting import CONSUMER_RECHECK_SECONDS, PRODUCER_RECHECK_SECONDS, wait, wait_async
 
 Buffer = bytes | bytearray | memoryview
@@ -29,12 +29,12 @@ class Sender:
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
-        producer_fd: int, consumer_fds: list[int],
+        producer_fd: int, consumer_fds: list[int], fetch_cursors: Callable[[], FetchedCursors] | None = None,
     ) -> None:
         self.fds = [producer_fd, *consumer_fds]
         self._fd = producer_fd
         self._consumer_fds = consumer_fds
-        self.ring = RingProducer(control, index, payload, header, name, wake=self._wake)
+        self.ring = RingProducer(control, index, payload, header, name, wake=self._wake, fetch_cursors=fetch_cursors)
 
     def _wake(self, slot: int) -> None:
         eventfd.signal(self._consumer_fds[slot])
@@ -111,13 +111,13 @@ class Receiver:
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
-        slot_fd: int, producer_fd: int, start: int | None = None,
+        cursor: memoryview, slot_fd: int, producer_fd: int, start: int | None = None,
     ) -> None:
         self.fds = [slot_fd, producer_fd]
         self._fd = slot_fd
         self._producer_fd = producer_fd
         self.ring = RingConsumer(
-            control, index, payload, header, name, slot, wake_producer=self._wake_producer, start=start
+            control, index, payload, header, name, slot, cursor, wake_producer=self._wake_producer, start=start
         )
 
     def _wake_producer(self) -> None:

@@ -1,17 +1,26 @@
-"""Byte layout of a ring: two pages in memfds of their own, data in the segment's payload.
+"""Byte layout of a ring: pages in memfds of their own, data in the segment's payload.
 
-A ring has two one-page memfds besides its segment, each sealed against
-resizing and of mode 0 (the broker creates both, _ring/broker.py):
+Besides its segment, a ring has one-page memfds, each sealed against
+resizing and of mode 0 (the broker creates them all, _ring/broker.py):
 
 * the **index page** holds everything only the producer (and the broker,
   through pwrite) writes: the static header, the write index, LOW, the
-  reserve index, the producer-waiting flag and the membership.  The
+  reserve index, the producer-waiting flag, the membership with its
+  generation, and each slot's attach serial and start index.  The
   producer maps it read-write; consumers get an O_RDONLY reopen of it and
   map it read-only, so no consumer can forge an index another consumer
   trusts (docs/attacks.md, A6);
-* the **control page** holds what consumers write: their sleeping flags
-  and their cursors.  Every peer maps it read-write; cursors are untrusted
-  hints to the producer, never read back by the consumer that owns them.
+* the **control page** holds the consumers' sleeping flags.  Every peer
+  maps it read-write, so a consumer can clear another's flag: that only
+  delays the other's wake-up to its periodic re-check (waiting.py);
+* a **cursor page** per consumer attachment holds that consumer's read
+  index (word 0).  The broker makes a fresh one for every attach, so only
+  that consumer (read-write), the broker and the ring's producer
+  (read-only, fetched from the broker on demand) ever hold it: no other
+  consumer, not even an earlier occupant of the same slot, can move it.
+  The producer trusts the page whose serial matches the slot's attach
+  serial in the index page, and until it has that page bounds itself by
+  the slot's start index, which the consumer's cursor never goes below.
 
 Both live outside the segment, so consumers map the segment read-only and
 can never change a message.  The data area is the whole payload from
@@ -36,12 +45,20 @@ Index page:
     80         8     producer   producer waiting for space (non-zero while it sleeps)
     88         8     producer   reserve: the producer writes no data at or beyond this index
     128        8     broker     membership: byte k non-zero while slot k belongs to a consumer
+    136        8     broker     membership generation: +1 on every consumer attach and detach,
+                                stored after the words it covers
+    192+16k    8     broker     attach serial of slot k (non-zero, unique per ring; 0: never attached)
+    200+16k    8     broker     start index of slot k's consumer (its cursor never goes below it)
 
 Control page:
 
     offset     size  writer     field
     0          8     consumers  sleeping: byte k non-zero while consumer k sleeps
-    64+64k     8     consumer k read index of slot k
+
+Cursor page (one per consumer attachment):
+
+    offset     size  writer     field
+    0          8     consumer   read index of that consumer (the broker stores its start first)
 
 The reserve index is what lets a consumer trust what it copied: the
 producer stores reserve = w + rec before it writes any byte of a record at
@@ -66,16 +83,20 @@ RING_MAGIC = b"SHMRING\x01"
 # 2: the control page moved out of the segment into its own memfd.
 # 3: what only the producer writes moved to the read-only-for-consumers index
 #    page, with a new reserve index.
-RING_VERSION = 3
+# 4: cursors moved out of the shared control page into a fresh page per
+#    consumer attachment; the index page gained the membership generation
+#    and per-slot attach serials and start indices.
+RING_VERSION = 4
 # Eight consumer slots.  Precedent: iceoryx2's default max-subscribers per
 # publish-subscribe service is 8 (config/iceoryx2.toml).  Reason here: one
 # u64 holds one membership byte and one sleeping byte per slot, so the
 # producer learns who sleeps with a single aligned load per send, and the
-# producer's fd set (the segment, two pages, 1 + 8 eventfds) fits
-# the protocol's 16-fd list.
+# producer's fd set (the segment, two pages, 1 + 8 eventfds) and a reply
+# with every consumer's cursor page (8) fit the protocol's 16-fd list.
 MAX_CONSUMERS = 8
 CONTROL_SIZE = PAGE_SIZE
 INDEX_SIZE = PAGE_SIZE
+CURSOR_SIZE = PAGE_SIZE
 # Where the data area starts in the payload.  The control page has its own
 # object, so nothing precedes the data; kept as a name (and in the static
 # header) so a reader checks rather than assumes it.
@@ -98,20 +119,29 @@ OFF_LOW = 72
 OFF_PRODUCER_WAITING = 80
 OFF_RESERVE = 88
 OFF_MEMBERS = 128
+OFF_MEMBER_GEN = 136
+OFF_SLOT_INFO = 192
+SLOT_INFO_STRIDE = 16
 # Control page.
 OFF_SLEEPING = 0
-OFF_SLOTS = 64
-SLOT_STRIDE = 64
+# Cursor page.
+OFF_CURSOR = 0
 
 U64 = struct.Struct("<Q")
 RECORD = struct.Struct("<II")
 _STATIC = struct.Struct("<8sIIQQQ")
 
-assert OFF_SLOTS + MAX_CONSUMERS * SLOT_STRIDE <= CONTROL_SIZE
+assert OFF_SLOT_INFO + MAX_CONSUMERS * SLOT_INFO_STRIDE <= INDEX_SIZE
 
 
-def slot_offset(slot: int) -> int:
-    return OFF_SLOTS + slot * SLOT_STRIDE
+def serial_offset(slot: int) -> int:
+    """Index-page offset of slot k's attach serial."""
+    return OFF_SLOT_INFO + slot * SLOT_INFO_STRIDE
+
+
+def start_offset(slot: int) -> int:
+    """Index-page offset of slot k's start index."""
+    return OFF_SLOT_INFO + slot * SLOT_INFO_STRIDE + 8
 
 
 def align(n: int) -> int:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 from .. import errors
 from .._layout import REVOKED_OFFSET
@@ -38,7 +38,12 @@ _W_WRITE = L.OFF_WRITE // 8
 _W_LOW = L.OFF_LOW // 8
 _W_RESERVE = L.OFF_RESERVE // 8
 _W_MEMBERS = L.OFF_MEMBERS // 8
+_W_MEMBER_GEN = L.OFF_MEMBER_GEN // 8
 _W_PRODUCER_WAITING = L.OFF_PRODUCER_WAITING // 8
+_W_SERIAL = [L.serial_offset(k) // 8 for k in range(L.MAX_CONSUMERS)]
+_W_START = [L.start_offset(k) // 8 for k in range(L.MAX_CONSUMERS)]
+# Cursor page:
+_W_CURSOR = L.OFF_CURSOR // 8
 # Control page:
 _W_SLEEPING = L.OFF_SLEEPING // 8
 _OFF_SLEEPING = L.OFF_SLEEPING
@@ -66,6 +71,19 @@ def fence() -> None:
     _fence_release()
 
 
+class CursorPage(Protocol):
+    """A consumer's cursor page as the producer holds it: mapped read-only, unmapped by close()."""
+
+    view: memoryview
+
+    def close(self) -> None: ...
+
+
+# What a producer's fetch_cursors callback returns: (slot, attach serial,
+# page) for each consumer attached when the broker answered.
+FetchedCursors = list[tuple[int, int, CursorPage]]
+
+
 @lru_cache(maxsize=256)
 def _record(n: int) -> struct.Struct:
     """A whole record of an n-byte message (header, message, zero padding)
@@ -77,8 +95,8 @@ def _record(n: int) -> struct.Struct:
 
 
 class _Base:
-    """``control`` is the ring's control page (writable: cursors and sleeping
-    flags live there); ``index`` its index page (static header and the
+    """``control`` is the ring's control page (writable: the sleeping flags
+    live there); ``index`` its index page (static header and the
     producer's indices; read-only for consumers); ``payload`` the segment's
     payload, read-only for consumers; ``header`` the segment header with the
     revoked word."""
@@ -149,9 +167,14 @@ class RingProducer(_Base):
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
         wake: Callable[[int], None] | None = None,
+        fetch_cursors: Callable[[], FetchedCursors] | None = None,
     ) -> None:
         super().__init__(control, index, payload, header, name)
         self.check()
+        # Each slot's cursor page as (attach serial, page, its words), once
+        # fetched from the broker; see rescan.
+        self._cursors: list[tuple[int, CursorPage, memoryview] | None] = [None] * L.MAX_CONSUMERS
+        self._fetch_cursors = fetch_cursors
         # A previous producer may have published messages nobody consumed;
         # continue after them.  Only producers write these words, but a
         # previous one may have been buggy or died half-way: validate them.
@@ -177,42 +200,89 @@ class RingProducer(_Base):
     def rescan(self) -> int:
         """Recompute how far we may write: the slowest live consumer plus the data size.
 
-        Consumer cursors are untrusted: each is clamped into [w - size, w],
-        so a cursor ahead of us means "read everything" (it only hurts that
-        consumer) and one too far behind means "full" (the documented
-        slow-consumer policy: we wait for the slowest live consumer).
+        Each member's position comes from the cursor page of its current
+        attachment (the one whose serial the index page shows for the slot),
+        which only that consumer can write; without that page yet, from the
+        start index the broker gave it, which its cursor never goes below.
+        A slot's page we lack is fetched from the broker once per rescan
+        (rescans happen only when the cached limit is reached, never per
+        send).  Cursors are still clamped into [w - size, w]: a cursor ahead
+        of us means "read everything" (it only hurts that consumer) and one
+        too far behind means "full" (the documented slow-consumer policy: we
+        wait for the slowest live consumer).
         """
-        cw = self._cw
         iw = self._iw
         w = self._w
         size = self.data_size
         floor = w - size if w > size else 0
+        cursors = self._cursors
+        fetched = False
         while True:
+            generation = iw[_W_MEMBER_GEN]
             members = iw[_W_MEMBERS]
             low = None
-            if members:
-                for slot in range(L.MAX_CONSUMERS):
-                    if (members >> (8 * slot)) & 0xFF:
-                        r = cw[L.slot_offset(slot) >> 3]
-                        r = floor if r < floor else (w if r > w else r)
-                        if low is None or r < low:
-                            low = r
+            missing = False
+            for slot in range(L.MAX_CONSUMERS):
+                held = cursors[slot]
+                if not (members >> (8 * slot)) & 0xFF:
+                    continue
+                if held is not None and held[0] == iw[_W_SERIAL[slot]]:
+                    r = held[2][_W_CURSOR]
+                else:
+                    r = iw[_W_START[slot]]
+                    missing = True
+                r = floor if r < floor else (w if r > w else r)
+                if low is None or r < low:
+                    low = r
             if low is not None and low > self._low:
                 self._low = low
                 iw[_W_LOW] = low
             # A lone consumer may have joined at the old LOW while we read
-            # the departed one's cursor: re-read the membership after
-            # publishing LOW (store, fence, load; the broker mirrors it in
-            # RingState.attach_consumer) and start over if it changed.
+            # the departed one's cursor, or a slot may have been freed and
+            # taken again (a new serial) while we read it: re-read the
+            # generation after publishing LOW (store, fence, load; the broker
+            # mirrors it in RingState.attach_consumer) and start over if it
+            # changed.
             fence()
-            if iw[_W_MEMBERS] == members:
-                break
+            if iw[_W_MEMBER_GEN] != generation:
+                continue
+            if missing and not fetched and self._fetch_cursors is not None:
+                fetched = True
+                if self._take_cursors(self._fetch_cursors()):
+                    continue
+            break
         # With consumers, the slowest one bounds us, even below LOW (a
         # newcomer that started at the LOW it read before we raised it).
         # Without: keep what was published for the first one to join, and
         # block when that fills the ring (never drop silently).
         self._limit = (low if low is not None else self._low) + size
         return self._limit
+
+    def _take_cursors(self, pages: FetchedCursors) -> bool:
+        """Keep the fetched pages that are newer than ours; True if any was.
+        A slot's older page is unmapped when a new serial replaces it."""
+        cursors = self._cursors
+        taken = False
+        for slot, serial, page in pages:
+            held = cursors[slot]
+            if held is not None and held[0] >= serial:
+                page.close()  # the same attachment (or an older one, from a late reply)
+                continue
+            if held is not None:
+                self._drop_cursor(slot)
+            cursors[slot] = (serial, page, page.view[: L.CURSOR_SIZE].cast("Q"))
+            taken = True
+        return taken
+
+    def _drop_cursor(self, slot: int) -> None:
+        held = self._cursors[slot]
+        self._cursors[slot] = None
+        if held is not None:
+            try:
+                held[2].release()
+            except BufferError:
+                pass
+            held[1].close()
 
     def _room(self, n: int) -> int:
         """Start offset in the data area for a record of ``n`` payload bytes, or -1 if full.
@@ -413,30 +483,36 @@ class RingProducer(_Base):
             "split it, or create the channel with a larger max_message"
         )
 
+    def release(self) -> None:
+        for slot in range(L.MAX_CONSUMERS):
+            self._drop_cursor(slot)
+        super().release()
+
 
 class RingConsumer(_Base):
     """One consumer slot: reads every record after its cursor, then advances the cursor."""
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str, slot: int,
-        wake_producer: Callable[[], None] | None = None, start: int | None = None,
+        cursor: memoryview, wake_producer: Callable[[], None] | None = None, start: int | None = None,
     ) -> None:
-        """``start`` is the first read index, from the broker's attach reply;
-        None reads it from the slot instead, which only a caller that owns
-        the control page (a test) may rely on: other consumers can write it."""
+        """``cursor`` is this attachment's own cursor page (writable, nobody
+        else writes it); ``start`` the first read index, from the broker's
+        attach reply; None reads it from the cursor page instead, where the
+        broker stored the same value."""
         super().__init__(control, index, payload, header, name)
         self.check()
         if not 0 <= slot < L.MAX_CONSUMERS:
             raise errors.SegmentError(f"consumer slot {slot} of channel {name!r} is out of range")
+        if len(cursor) < L.CURSOR_SIZE:
+            raise errors.SegmentError(f"the cursor page of channel {name!r} is too small; refusing it")
         self.slot = slot
-        self._slot_off = L.slot_offset(slot)
-        self._slot_word = self._slot_off >> 3
+        self._cur = cursor[: L.CURSOR_SIZE].cast("Q")
         self._sleep_off = _OFF_SLEEPING + slot
-        r = self._cw[self._slot_off >> 3] if start is None else start
+        r = self._cur[_W_CURSOR] if start is None else start
         if r % L.ALIGN or r >= MAX_INDEX:
             raise self.corrupt(f"read index {r}")
-        if start is not None:
-            self._cw[self._slot_word] = r  # undo anything written there since the broker's store
+        self._cur[_W_CURSOR] = r
         self._r = r
         self._wc = r  # the last write index seen; records below it are published
         self._wake_producer = wake_producer
@@ -458,7 +534,8 @@ class RingConsumer(_Base):
         self.check()  # a wipe in progress: report it as what it is
         return errors.SegmentError(
             f"messages of channel {self.name!r} were overwritten before this consumer read them: "
-            "another peer of the ring moved this consumer's cursor, or the ring is corrupt; attach again"
+            "this consumer's cursor was moved behind its back (only this process and the ring's producer "
+            "hold its cursor page), or the ring is corrupt; attach again"
         )
 
     def check_intact(self) -> None:
@@ -505,7 +582,7 @@ class RingConsumer(_Base):
         self.publish_cursor()
 
     def publish_cursor(self) -> None:
-        self._cw[self._slot_word] = self._r
+        self._cur[_W_CURSOR] = self._r
         # Store-then-load handshake with a producer that sleeps while full.
         _fence_acquire()
         _fence_release()
@@ -557,7 +634,7 @@ class RingConsumer(_Base):
         if iw[_W_RESERVE] > r + self.data_size:
             raise self.overwritten()
         self._r = r = r + L.RECORD_HEADER + ((n + 7) & ~7)
-        self._cw[self._slot_word] = r
+        self._cur[_W_CURSOR] = r
         _fence_acquire()
         _fence_release()
         if iw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
@@ -645,6 +722,13 @@ class RingConsumer(_Base):
 
     def view(self, pos: int, n: int) -> memoryview:
         return self._data[pos : pos + n].toreadonly()
+
+    def release(self) -> None:
+        try:
+            self._cur.release()
+        except BufferError:
+            pass
+        super().release()
 
     def set_sleeping(self, value: int) -> None:
         self._ctrl[self._sleep_off] = value  # a single byte store: this consumer's own flag

@@ -48,6 +48,7 @@ _REPLIES_TO: dict[type[m.Message], tuple[type[m.Message], ...]] = {
     m.Attach: (m.Attached, m.Error),
     m.Detach: (m.Detached, m.Error),
     m.StatusRequest: (m.StatusReply, m.Error),
+    m.Cursors: (m.CursorPages, m.Error),
 }
 
 
@@ -118,6 +119,8 @@ class Connection:
             raise ProtocolError("only one attach per connection; open a new connection")
         elif kind is m.Detach and self.state is not State.ATTACHED:
             raise ProtocolError("detach without an attachment")
+        elif kind is m.Cursors and self.state is not State.ATTACHED:
+            raise ProtocolError("cursors without an attachment (only a ring's producer may ask)")
         elif self.state is State.DONE:
             raise ProtocolError(f"{message.TYPE} after detach")
         self._pending.append(kind)
@@ -131,6 +134,11 @@ class Connection:
         if type(message) not in _REPLIES_TO[request]:
             raise ProtocolError(f"broker answered {request.TYPE} with {message.TYPE}")
         self._advance(request, message)
+
+    @property
+    def awaiting(self) -> int:
+        """Requests sent (client end) or received (broker end) still without a reply."""
+        return len(self._pending)
 
     # -- sending -----------------------------------------------------------
     def send(self, message: m.Message) -> bytes:

@@ -67,6 +67,13 @@ class StatusRequest(Message):
     TYPE: ClassVar[str] = "status"
 
 
+@dataclasses.dataclass(frozen=True)
+class Cursors(Message):
+    """A ring producer asks for its consumers' cursor pages (answered with CursorPages)."""
+
+    TYPE: ClassVar[str] = "cursors"
+
+
 # Replies: broker -> client.
 @dataclasses.dataclass(frozen=True)
 class Welcome(Message):
@@ -88,15 +95,25 @@ class Attached(Message):
     fds: tuple[str, ...]
     ring: bool = False
     slot: int | None = None  # a ring consumer's slot
-    # A ring consumer's first read index.  Sent here, not only written into
-    # the shared control page, because any other consumer of the ring can
-    # write that page between the broker's write and the newcomer's read.
+    # A ring consumer's first read index (also written into its cursor
+    # page).  The consumer trusts this copy: it came over the authenticated
+    # socket, with no shared page in between.
     start: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Detached(Message):
     TYPE: ClassVar[str] = "detached"
+
+
+@dataclasses.dataclass(frozen=True)
+class CursorPages(Message):
+    """Sent with one fd per entry of ``slots``, in that order, as SCM_RIGHTS:
+    the cursor page of the consumer attached in that slot under that serial."""
+
+    TYPE: ClassVar[str] = "cursor_pages"
+    slots: tuple[int, ...]
+    serials: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +145,15 @@ ERROR_CODES = (
     "internal",
 )
 
-REQUESTS: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Attach, Detach, StatusRequest)}
+REQUESTS: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Attach, Detach, StatusRequest, Cursors)}
 REPLIES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Welcome, Attached, Detached, StatusReply, Error)
+    m.TYPE: m for m in (Welcome, Attached, Detached, StatusReply, CursorPages, Error)
 }
+# A reply names at most this many fds: a ring producer's attach (segment,
+# two pages, nine eventfds) and a reply with every consumer's cursor page
+# (eight) fit, far below the kernel's SCM_MAX_FD (limits.py).
+MAX_FDS = 16
+_LIST_FIELDS = ("fds", "slots", "serials")
 
 
 def _uint(value: Any) -> bool:
@@ -162,12 +184,17 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
         "size": (_uint, True),
         "generation": (_uint, True),
         "layout": (_uint, True),
-        "fds": (lambda v: type(v) is list and len(v) <= 16 and all(_text(k) for k in v), True),
+        "fds": (lambda v: type(v) is list and len(v) <= MAX_FDS and all(_text(k) for k in v), True),
         "ring": (lambda v: type(v) is bool, False),
         "slot": (lambda v: v is None or (_uint(v) and v < 64), False),
         "start": (lambda v: v is None or (_uint(v) and v < 2**62), False),
     },
     Detached: {},
+    Cursors: {},
+    CursorPages: {
+        "slots": (lambda v: type(v) is list and len(v) <= MAX_FDS and all(_uint(k) and k < 64 for k in v), True),
+        "serials": (lambda v: type(v) is list and len(v) <= MAX_FDS and all(_uint(k) for k in v), True),
+    },
     StatusReply: {"status": (lambda v: type(v) is dict, True)},
     Error: {"code": (lambda v: v in ERROR_CODES, True), "message": (_text, True)},
 }
@@ -207,6 +234,7 @@ def decode(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:
             continue
         if not check(raw[name]):
             raise ProtocolError(f"{kind}: invalid value for {name!r}")
-    if "fds" in raw:
-        raw["fds"] = tuple(raw["fds"])
+    for name in _LIST_FIELDS:
+        if name in raw:
+            raw[name] = tuple(raw[name])
     return cls(**raw)

@@ -25,6 +25,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-long: $(STAMP)
+	@# atheris (the `fuzz` extra) ships wheels for common platforms; without
+	@# one, its coverage-guided fuzz test skips and says so.
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuzz]' || \
+	  echo "note: atheris did not install; its fuzz test will be skipped"
 	$(BIN)/python -m pytest -m long
 
 bench: $(STAMP)

@@ -706,3 +706,52 @@ def test_the_broker_bumps_the_generation_after_every_membership_change() -> None
         second.cursor.close()
     finally:
         seg.close()
+
+
+def test_a_slot_freed_and_taken_again_during_a_rescan_is_noticed() -> None:
+    """The race the membership generation exists for.  The producer reads a
+    consumer's cursor; before it publishes LOW, that consumer leaves and a
+    newcomer to the now empty ring takes the same slot, starting at the LOW
+    the broker reads (older than that cursor).  The membership word is the
+    same before and after (slot byte 1 -> 0 -> 1), so only the generation
+    shows the change: the producer must scan again and bound itself by the
+    newcomer, which then receives every retained message."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        old = Member(seg, alone=True)
+        producer = producer_of(seg)
+        sent = [message(i, 1000) for i in range(3)]
+        for msg in sent:
+            assert producer.try_send(msg)
+        producer.rescan()  # fetches the page; LOW stays where old's cursor was (before any read)
+        assert [old.ring.try_recv() for _ in sent] == sent  # old's cursor moves past LOW
+        slot = old.slot
+        serial, page, words = producer._cursors[slot]  # type: ignore[misc]
+        newcomer: list[Member] = []
+
+        class SlotChangesHandsAfterThisRead:
+            def __getitem__(self, i: int) -> int:
+                value = int(words[i])
+                if not newcomer:
+                    seg.state.detach(old)
+                    newcomer.append(Member(seg, alone=True))
+                return value
+
+            def release(self) -> None:
+                words.release()
+
+        producer._cursors[slot] = (serial, page, SlotChangesHandsAfterThisRead())  # type: ignore[assignment]
+        limit = producer.rescan()
+        new = newcomer[0]
+        assert new.slot == slot and seg.state.starts[slot] < old.ring._r
+        assert limit <= seg.state.starts[slot] + producer.data_size, "the producer kept the departed consumer's bound"
+        more = []
+        while len(more) < 30 and producer.try_send(message(3 + len(more), 1000)):  # bounded
+            more.append(message(3 + len(more), 1000))
+        got = list(iter(new.ring.try_recv, None))
+        assert got == sent + more
+        old.ring.release()
+        for r in (new.ring, producer):
+            r.release()
+    finally:
+        seg.close()

@@ -293,7 +293,7 @@ class RingModel(RuleBasedStateMachine):
     def _new_producer(self) -> RingProducer:
         producer = RingProducer(
             self.seg.control, self.seg.index, self.seg.payload, self.seg.header, "model",
-            fetch_cursors=lambda: self._fetch() if self.fetching else [],  # type: ignore[operator]
+            fetch_cursors=lambda: self._fetch() if self.fetching else None,  # type: ignore[operator]
         )
         producer.early_wrap = self.early_wrap
         return producer
@@ -603,7 +603,7 @@ def test_a_producer_without_a_newcomers_page_bounds_itself_by_the_newcomers_star
         reader = Member(seg, alone=True)
         producer = RingProducer(
             seg.control, seg.index, seg.payload, seg.header, "model",
-            fetch_cursors=lambda: fetch() if answering[0] else [],  # type: ignore[operator]
+            fetch_cursors=lambda: fetch() if answering[0] else None,  # type: ignore[operator]
         )
         for i in range(3):
             assert producer.try_send(message(i, 1000))
@@ -646,7 +646,7 @@ def test_a_slots_old_page_is_not_trusted_for_its_next_consumer() -> None:
         old = Member(seg, alone=False)
         producer = RingProducer(
             seg.control, seg.index, seg.payload, seg.header, "model",
-            fetch_cursors=lambda: fetch() if answering[0] else [],  # type: ignore[operator]
+            fetch_cursors=lambda: fetch() if answering[0] else None,  # type: ignore[operator]
         )
         assert producer.try_send(message(0, 1000))
         keeper.ring.try_recv()
@@ -752,6 +752,39 @@ def test_a_slot_freed_and_taken_again_during_a_rescan_is_noticed() -> None:
         assert got == sent + more
         old.ring.release()
         for r in (new.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def test_a_member_the_broker_has_no_page_for_does_not_make_the_producer_ask_on_every_rescan() -> None:
+    """A slot marked as a member without a cursor page at the broker (its
+    detach failed half-way: the membership byte stayed).  The producer,
+    bounded by that slot's start index, rescans on every spin of a wait;
+    it asks the broker once, then backs off instead of sending a request
+    per rescan."""
+    seg = Segment(L.DATA_OFFSET + 8192, 1000)
+    try:
+        keeper = Member(seg, alone=True)
+        calls = []
+        fetch = fetcher(seg)
+
+        def counting() -> object:
+            calls.append(1)
+            return fetch()  # type: ignore[operator]
+
+        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=counting)  # type: ignore[arg-type]
+        producer.rescan()  # fetches the keeper's page
+        calls.clear()
+        stale = 7
+        assert stale != keeper.slot and seg.state.cursor_fds[stale] < 0
+        os.pwrite(seg.state.index_fd, L.U64.pack(3), L.serial_offset(stale))
+        os.pwrite(seg.state.index_fd, b"\x01", L.OFF_MEMBERS + stale)
+        for _ in range(100):
+            producer.rescan()
+        assert len(calls) == 1, f"{len(calls)} cursor requests for 100 rescans"
+        assert producer._limit <= producer.data_size  # bounded by the stale slot's start index (0)
+        for r in (keeper.ring, producer):
             r.release()
     finally:
         seg.close()

@@ -159,8 +159,8 @@ class CursorFetcher:
     """The producer's ``fetch_cursors`` callback: asks the broker for the
     current cursor pages on the attachment's own connection.
 
-    A timeout or a refusal yields no pages (the producer keeps its safe
-    bound) and no new attempt for CURSOR_FETCH_RETRY_SECONDS; the next
+    A timeout or a refusal returns None, "no answer" (the producer keeps
+    its safe bound), and no new attempt for CURSOR_FETCH_RETRY_SECONDS; the next
     attempt waits for the reply of the request that timed out rather than
     sending another.  A
     lost connection stops fetching.  Pages that fail the checks raise
@@ -172,11 +172,11 @@ class CursorFetcher:
         self._refused: str | None = None
         self._dead = False
 
-    def __call__(self) -> FetchedCursors:
+    def __call__(self) -> FetchedCursors | None:
         if self._refused is not None:
             raise errors.SegmentError(self._refused)
         if self._dead or time.monotonic() < self._retry_at:
-            return []
+            return None
         link = self._link
         replies: list[m.CursorPages] = []
         try:
@@ -197,12 +197,12 @@ class CursorFetcher:
         except (errors.Timeout, errors.PermissionDenied, errors.ChannelRevoked) as exc:
             log.info("could not fetch cursor pages of a ring (%s); retrying later", exc)
             self._retry_at = time.monotonic() + CURSOR_FETCH_RETRY_SECONDS
-            return []  # fds already received stay with the link for the late replies
+            return None  # fds already received stay with the link for the late replies
         except errors.ShmBrokerError as exc:
             log.info("stopped fetching cursor pages of a ring: %s", exc)
             self._dead = True
             fdpass.close_all(link.take_fds())
-            return []
+            return None
         fds = link.take_fds()
         out: FetchedCursors = []
         try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .. import errors
 from .._sys import eventfd
 from . import layout as L
-from .ring import FetchedCursors, RingConsumer, RingProducer
+from .ring import FetchCursors, RingConsumer, RingProducer
 from .waiting import CONSUMER_RECHECK_SECONDS, PRODUCER_RECHECK_SECONDS, wait, wait_async
 
 Buffer = bytes | bytearray | memoryview
@@ -29,7 +29,7 @@ class Sender:
 
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
-        producer_fd: int, consumer_fds: list[int], fetch_cursors: Callable[[], FetchedCursors] | None = None,
+        producer_fd: int, consumer_fds: list[int], fetch_cursors: FetchCursors | None = None,
     ) -> None:
         self.fds = [producer_fd, *consumer_fds]
         self._fd = producer_fd

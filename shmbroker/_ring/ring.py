@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from itertools import islice
@@ -82,6 +83,9 @@ class CursorPage(Protocol):
 # What a producer's fetch_cursors callback returns: (slot, attach serial,
 # page) for each consumer attached when the broker answered.
 FetchedCursors = list[tuple[int, int, CursorPage]]
+# The callback itself: None when the broker did not answer (not asked, timed
+# out, refused, gone); the callback paces its own retries of those.
+FetchCursors = Callable[[], FetchedCursors | None]
 
 
 @lru_cache(maxsize=256)
@@ -92,6 +96,12 @@ def _record(n: int) -> struct.Struct:
     (measured at 64 B: 153 -> 60 ns to write, 154 -> 72 ns to read).  Only
     for small messages: pack_into zeroes the whole record before filling it."""
     return struct.Struct(f"<II{n}s{((n + 7) & ~7) - n}x")
+
+
+# After a cursor fetch that brought nothing newer, rescan asks again no
+# sooner than this.  The same pace as a waiting producer's own re-checks
+# (waiting.PRODUCER_RECHECK_SECONDS); meanwhile the start index bounds it.
+FETCH_BACKOFF_SECONDS = 0.05
 
 
 class _Base:
@@ -167,7 +177,7 @@ class RingProducer(_Base):
     def __init__(
         self, control: memoryview, index: memoryview, payload: memoryview, header: memoryview, name: str,
         wake: Callable[[int], None] | None = None,
-        fetch_cursors: Callable[[], FetchedCursors] | None = None,
+        fetch_cursors: FetchCursors | None = None,
     ) -> None:
         super().__init__(control, index, payload, header, name)
         self.check()
@@ -175,6 +185,7 @@ class RingProducer(_Base):
         # fetched from the broker; see rescan.
         self._cursors: list[tuple[int, CursorPage, memoryview] | None] = [None] * L.MAX_CONSUMERS
         self._fetch_cursors = fetch_cursors
+        self._fetch_after = 0.0  # monotonic time before which rescan does not ask again (see there)
         # A previous producer may have published messages nobody consumed;
         # continue after them.  Only producers write these words, but a
         # previous one may have been buggy or died half-way: validate them.
@@ -206,7 +217,8 @@ class RingProducer(_Base):
         start index the broker gave it, which its cursor never goes below.
         A slot's page we lack is fetched from the broker once per rescan
         (rescans happen only when the cached limit is reached, never per
-        send).  Cursors are still clamped into [w - size, w]: a cursor ahead
+        send), and after a fetch that brought nothing newer not again for
+        FETCH_BACKOFF_SECONDS.  Cursors are still clamped into [w - size, w]: a cursor ahead
         of us means "read everything" (it only hurts that consumer) and one
         too far behind means "full" (the documented slow-consumer policy: we
         wait for the slowest live consumer).
@@ -246,10 +258,17 @@ class RingProducer(_Base):
             fence()
             if iw[_W_MEMBER_GEN] != generation:
                 continue
-            if missing and not fetched and self._fetch_cursors is not None:
+            if missing and not fetched and self._fetch_cursors is not None and time.monotonic() >= self._fetch_after:
                 fetched = True
-                if self._take_cursors(self._fetch_cursors()):
-                    continue
+                pages = self._fetch_cursors()
+                if pages is not None:
+                    if self._take_cursors(pages):
+                        continue
+                    # The broker answered with nothing newer for a slot we
+                    # lack (it moved on meanwhile, or its bookkeeping
+                    # failed).  A producer waiting for space rescans on every
+                    # spin: without this it would ask on each one.
+                    self._fetch_after = time.monotonic() + FETCH_BACKOFF_SECONDS
             break
         # With consumers, the slowest one bounds us, even below LOW (a
         # newcomer that started at the LOW it read before we raised it).

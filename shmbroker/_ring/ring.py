@@ -218,10 +218,10 @@ class RingProducer(_Base):
         A slot's page we lack is fetched from the broker once per rescan
         (rescans happen only when the cached limit is reached, never per
         send), and after a fetch that brought nothing newer not again for
-        FETCH_BACKOFF_SECONDS.  Cursors are still clamped into [w - size, w]: a cursor ahead
-        of us means "read everything" (it only hurts that consumer) and one
-        too far behind means "full" (the documented slow-consumer policy: we
-        wait for the slowest live consumer).
+        FETCH_BACKOFF_SECONDS.  Cursors are still clamped into [w - size,
+        w]: a cursor ahead of us means "read everything" (it only hurts that
+        consumer) and one too far behind means "full" (the documented
+        slow-consumer policy: we wait for the slowest live consumer).
         """
         iw = self._iw
         w = self._w

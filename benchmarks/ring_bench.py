@@ -27,8 +27,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from shmbroker import ShmClient
+from shmbroker._bench import _remove_shm
+from shmbroker._bench.peers.iox2 import _node
 
 SIZES = [64, 4096, 64 * 1024, 1024 * 1024]
 MiB = 1024 * 1024
@@ -200,8 +203,10 @@ def eventfd_rtt(rounds: int, gap: float) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def _iox_service(iox2: object, name: str, depth: int) -> object:
-    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)  # type: ignore[attr-defined]
+def _iox_service(iox2: object, name: str, depth: int, root: str, prefix: str) -> object:
+    # A private root and prefix, as `shmbroker bench` uses: iceoryx2's
+    # defaults leave a world-writable file in /dev/shm and a tree in /tmp.
+    node = _node(Path(root), prefix)
     service = (
         node.service_builder(iox2.ServiceName.new(name))  # type: ignore[attr-defined]
         .publish_subscribe(iox2.Slice[ctypes.c_uint8])  # type: ignore[attr-defined]
@@ -218,12 +223,12 @@ def iox_depth(size: int) -> int:
     return max(4, min(256, 8 * MiB // size))
 
 
-def iox_subscriber(name: str, size: int, n: int) -> None:
+def iox_subscriber(name: str, size: int, n: int, root: str, prefix: str) -> None:
     """Subprocess side of the iceoryx2 run: receive n samples, copying each out."""
     import iceoryx2 as iox2
 
     depth = iox_depth(size)
-    node, service = _iox_service(iox2, name, depth)
+    node, service = _iox_service(iox2, name, depth, root, prefix)
     sub = service.subscriber_builder().buffer_size(depth).create()
     print("ready", flush=True)
     deadline = time.monotonic() + 120
@@ -242,14 +247,14 @@ def iox_subscriber(name: str, size: int, n: int) -> None:
     sub.delete()
 
 
-def iox_throughput(size: int, n: int) -> float | None:
+def iox_throughput(size: int, n: int, root: str, prefix: str) -> float | None:
     try:
         import iceoryx2 as iox2
     except ImportError:
         return None
     iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
     name = f"shmbroker-bench-{os.getpid()}-{size}"
-    node, service = _iox_service(iox2, name, iox_depth(size))
+    node, service = _iox_service(iox2, name, iox_depth(size), root, prefix)
     pub = (
         service.publisher_builder()
         .initial_max_slice_len(size)
@@ -257,7 +262,8 @@ def iox_throughput(size: int, n: int) -> float | None:
         .create()
     )
     child = subprocess.Popen(
-        [sys.executable, __file__, "--iox-subscriber", name, str(size), str(n)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--iox-subscriber", name, str(size), str(n), root, prefix],
+        stdout=subprocess.PIPE, text=True,
     )
     try:
         assert child.stdout is not None
@@ -318,18 +324,20 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5, help="alternating trials per size; the table shows medians (default 5)")
     parser.add_argument("--socket", help="use a running broker instead of starting one")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated message sizes in bytes")
-    parser.add_argument("--iox-subscriber", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--iox-subscriber", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.trials = 1
     if args.trials < 1:
         parser.error("--trials must be at least 1")
     if args.iox_subscriber:
-        name, size, n = args.iox_subscriber
-        iox_subscriber(name, int(size), int(n))
+        name, size, n, root, prefix = args.iox_subscriber
+        iox_subscriber(name, int(size), int(n), root, prefix)
         return
     proc = tmp = None
     sock = args.socket
+    iox_root = tempfile.mkdtemp(prefix="shmb-bench-iox-", dir="/tmp")
+    iox_prefix = f"shmbrb{os.getpid()}_"
     if sock is None:
         proc, sock, tmp = start_broker()
     try:
@@ -349,7 +357,7 @@ def main() -> None:
                 trials["batch"].append(ring_throughput(sock, size, n, batch=True))
                 trials["pipe"].append(pipe_throughput(size, n))
                 trials["memcpy"].append(memcpy_ceiling(size, n))
-                iox = iox_throughput(size, n)
+                iox = iox_throughput(size, n, iox_root, iox_prefix)
                 if iox is not None:
                     trials["iox2"].append(iox)
                     vs_iox.append(max(trials["ring"][-1], trials["batch"][-1]) / iox)
@@ -373,6 +381,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(iox_root, ignore_errors=True)
+        _remove_shm(iox_prefix)
 
 
 if __name__ == "__main__":

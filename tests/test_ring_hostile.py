@@ -483,7 +483,7 @@ def test_the_producer_gets_each_consumers_own_cursor_page(broker: Any) -> None:
             pages = producer.fds[before:]
             assert len(pages) == 2
             for fd in pages:
-                check_page(fd, "cursor page")
+                check_page(fd, "cursor page", L.CURSOR_SIZE)
                 assert os.pread(fd, 8, L.OFF_CURSOR) == L.U64.pack(0)
             # The consumer's own page: what it writes is what the producer reads.
             a._ring.ring._r = 8

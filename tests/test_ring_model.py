@@ -6,9 +6,11 @@ would map the ones it fetched)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -450,7 +452,21 @@ def test_batched_receive_keeps_a_cursor_that_stepped_over_a_pad() -> None:
         seg.close()
 
 
-def _attack(seg: Segment, size: int, count: int) -> tuple[Member, Member, RingProducer, list[bytes]]:
+@contextlib.contextmanager
+def _victim_and_hostile(payload: int, max_message: int) -> Iterator[tuple[Segment, Member, Member, RingProducer]]:
+    """A ring with two consumers, a victim (joined first) and a hostile one, and its producer."""
+    seg = Segment(payload, max_message)
+    try:
+        victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
+        producer = producer_of(seg)
+        yield seg, victim, hostile, producer
+        for r in (victim.ring, hostile.ring, producer):
+            r.release()
+    finally:
+        seg.close()
+
+
+def _attack(victim: Member, hostile: Member, producer: RingProducer, size: int, count: int) -> list[bytes]:
     """Two consumers; the victim reads the first of two published messages
     (so it caches a write index and reads the next record without reloading
     it); then the victim's cursor is moved to the write index before each
@@ -462,8 +478,6 @@ def _attack(seg: Segment, size: int, count: int) -> tuple[Member, Member, RingPr
     i.e. the victim itself through a bug, which the model plays by writing
     the page directly.  The reserve-index check these tests exercise is the
     defence in depth behind the pages."""
-    victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-    producer = producer_of(seg)
     sent = [message(i, size) for i in range(count)]
     assert producer.try_send(sent[0]) and producer.try_send(sent[1])
     assert victim.ring.try_recv_many(1) == sent[:1]
@@ -472,7 +486,7 @@ def _attack(seg: Segment, size: int, count: int) -> tuple[Member, Member, RingPr
         victim.cursor.write(producer.write_index)
         assert producer.try_send(msg), "the forged cursor should have let the producer lap the victim"
         assert hostile.ring.try_recv() == msg
-    return victim, hostile, producer, sent
+    return sent
 
 
 @pytest.mark.parametrize("receive", ["take", "try_recv_many"])
@@ -484,10 +498,9 @@ def test_a_victim_whose_cursor_was_moved_gets_an_error_never_a_stale_message(rec
     record was overwritten: SegmentError, never the later lap's message.
     Both try_recv_many paths: spans of small records, and a record larger
     than a span."""
-    seg = Segment(L.DATA_OFFSET + (4 if size == 100 else 32) * 4096, size)
-    try:
+    with _victim_and_hostile(L.DATA_OFFSET + (4 if size == 100 else 32) * 4096, size) as (seg, victim, hostile, producer):
         lap = L.data_size_for(len(seg.payload)) // (L.RECORD_HEADER + size)
-        victim, hostile, producer, sent = _attack(seg, size, 2 * lap + 3)
+        sent = _attack(victim, hostile, producer, size, 2 * lap + 3)
         got = [sent[0]]
         with pytest.raises(errors.SegmentError, match="overwritten before this consumer read them"):
             while True:
@@ -495,20 +508,13 @@ def test_a_victim_whose_cursor_was_moved_gets_an_error_never_a_stale_message(rec
                 assert batch and None not in batch, "the victim heard nothing instead of an error"
                 got.extend(batch)
         assert got == sent[: len(got)], "the victim received a message that was not sent at that position"
-        for r in (victim.ring, hostile.ring, producer):
-            r.release()
-    finally:
-        seg.close()
 
 
 def test_a_record_overwritten_after_the_victim_found_it_is_not_returned() -> None:
     """The victim finds the record header (next_record), then the producer,
     let in by a forged cursor, overwrites that record before the copy:
     take() raises instead of returning the new lap's bytes."""
-    seg = Segment(L.DATA_OFFSET + 4096, 1000)
-    try:
-        victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-        producer = producer_of(seg)
+    with _victim_and_hostile(L.DATA_OFFSET + 4096, 1000) as (seg, victim, hostile, producer):
         assert producer.try_send(message(0, 1000))
         pos, n = victim.ring.next_record()
         assert (pos, n) == (L.RECORD_HEADER, 1000)
@@ -520,10 +526,6 @@ def test_a_record_overwritten_after_the_victim_found_it_is_not_returned() -> Non
         assert bytes(seg.payload[pos : pos + n]) == message(4, 1000)  # overwritten under the victim
         with pytest.raises(errors.SegmentError, match="overwritten"):
             victim.ring.take()
-        for r in (victim.ring, hostile.ring, producer):
-            r.release()
-    finally:
-        seg.close()
 
 
 def test_a_view_torn_by_an_overwrite_raises_on_exit() -> None:
@@ -568,10 +570,7 @@ def test_a_later_laps_pad_over_an_unread_message_is_not_stepped_over() -> None:
     there and stops (the other consumer holds it).  Stepping over that PAD
     would silently skip the message and then deliver the next lap's first
     one, which is intact: the PAD itself must be checked."""
-    seg = Segment(L.DATA_OFFSET + 4096, 1000)
-    try:
-        victim, hostile = Member(seg, alone=True), Member(seg, alone=False)
-        producer = producer_of(seg)
+    with _victim_and_hostile(L.DATA_OFFSET + 4096, 1000) as (seg, victim, hostile, producer):
         sent = [message(i, 1000) for i in range(4)] + [message(4, 56)]  # exactly one lap
         for msg in sent:
             assert producer.try_send(msg)
@@ -584,10 +583,6 @@ def test_a_later_laps_pad_over_an_unread_message_is_not_stepped_over() -> None:
         assert producer.write_index == 2 * 4096
         with pytest.raises(errors.SegmentError, match="overwritten"):
             victim.ring.take()
-        for r in (victim.ring, hostile.ring, producer):
-            r.release()
-    finally:
-        seg.close()
 
 
 def test_a_producer_without_a_newcomers_page_bounds_itself_by_the_newcomers_start() -> None:

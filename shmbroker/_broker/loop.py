@@ -567,10 +567,11 @@ class Broker:
         Nobody else gets them: a consumer holding another's page could move
         that cursor, which is the attack the pages exist to stop."""
         ring = session.ring
-        if ring is None or session.role != "producer" or session.channel is None or ring is not session.channel.ring:
+        if ring is None or session.channel is None:
             raise PermissionDenied(
                 "permission denied: only the producer attached to a ring channel may fetch its consumers' cursor pages"
             )
+        # RingState decides who its producer is (and refuses once closed).
         slots, serials, fds = ring.cursor_pages(session, session.channel.name)
         self._send(session, m.CursorPages(slots=tuple(slots), serials=tuple(serials)), fds)
 

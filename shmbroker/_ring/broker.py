@@ -70,7 +70,7 @@ def _create_page(name: str, image: bytes, *, readonly_fd: bool) -> tuple[int, in
 
 
 def create_control() -> int:
-    """A fresh control memfd (cursors and sleeping flags): zeroed, mode 0, sealed at CONTROL_SIZE bytes."""
+    """A fresh control memfd (the sleeping flags): zeroed, mode 0, sealed at CONTROL_SIZE bytes."""
     return _create_page("shmbroker-ring-control", bytes(L.CONTROL_SIZE), readonly_fd=False)[0]
 
 
@@ -200,9 +200,11 @@ class RingState:
         """(slots, serials, fds) of every attached consumer's cursor page, for the ring's producer only."""
         if session is not self.producer or self.fd < 0:
             raise PermissionDenied(
-                f"only the producer attached to ring channel {channel!r} may fetch its consumers' cursor pages"
+                f"permission denied: only the producer attached to ring channel {channel!r} "
+                "may fetch its consumers' cursor pages"
             )
-        slots = [k for k in range(L.MAX_CONSUMERS) if self.slots[k] is not None and self.cursor_fds[k] >= 0]
+        # A slot has a cursor page exactly while a consumer holds it.
+        slots = [k for k in range(L.MAX_CONSUMERS) if self.cursor_fds[k] >= 0]
         return slots, [self.serials[k] for k in slots], [self.cursor_fds[k] for k in slots]
 
     def detach(self, session: object) -> None:
@@ -221,7 +223,7 @@ class RingState:
                     log.warning("could not free consumer slot %d: %s", slot, exc.strerror)
                 # The consumer and the producer keep their mappings of the
                 # page; the next occupant of the slot gets a fresh one.
-                fdpass.close_all([fd for fd in self.cursor_fds[slot : slot + 1] if fd >= 0])
+                fdpass.close_all([self.cursor_fds[slot]])
                 self.cursor_fds[slot] = -1
                 # No eventfd signal to the producer waiting for this consumer:
                 # it re-checks on its own (PRODUCER_RECHECK_SECONDS), and the

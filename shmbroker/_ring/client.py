@@ -36,7 +36,7 @@ def expected_fd_names(reply: m.Attached) -> tuple[str, ...]:
     return ("segment", *(producer_fd_names() if reply.role == "producer" else CONSUMER_FD_NAMES))
 
 
-def check_page(fd: int, what: str = "control page") -> None:
+def check_page(fd: int, what: str, size: int) -> None:
     """A ring page (the control page, mapped writable by every peer, the
     index page or a cursor page) must be a memfd nobody can resize (a truncation would SIGBUS
     us on the next access) and nobody can reopen by path (mode 0)."""
@@ -53,10 +53,8 @@ def check_page(fd: int, what: str = "control page") -> None:
             "(F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL); a peer could truncate it and crash this "
             "process with SIGBUS, so it was refused"
         )
-    if st.st_size != L.CONTROL_SIZE:
-        raise errors.SegmentError(
-            f"the ring {what} is {st.st_size} bytes, expected {L.CONTROL_SIZE}; refusing to map it"
-        )
+    if st.st_size != size:
+        raise errors.SegmentError(f"the ring {what} is {st.st_size} bytes, expected {size}; refusing to map it")
 
 
 class RingPages:
@@ -102,10 +100,10 @@ def take_ring_fds(reply: m.Attached, fds: list[int]) -> tuple[RingPages | None, 
             # this consumer cannot yet tell apart from a forged one.
             raise errors.ProtocolError(f"the broker sent ring consumer start index {reply.start}; expected an aligned index")
         npages = 3 if consumer else 2
-        check_page(fds[1], "control page")
-        check_page(fds[2], "index page")
+        check_page(fds[1], "control page", L.CONTROL_SIZE)
+        check_page(fds[2], "index page", L.INDEX_SIZE)
         if consumer:
-            check_page(fds[3], "cursor page")
+            check_page(fds[3], "cursor page", L.CURSOR_SIZE)
         for fd in fds[1 + npages :]:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
                 raise errors.ProtocolError("the broker sent a wake-up fd that is not an eventfd; refusing it")
@@ -143,7 +141,7 @@ def take_cursor_pages(reply: m.CursorPages, fds: list[int]) -> FetchedCursors:
             if not 0 <= slot < L.MAX_CONSUMERS or serial == 0:
                 raise errors.ProtocolError(f"the broker sent a cursor page for slot {slot}, serial {serial}")
         for fd in fds:
-            check_page(fd, "cursor page")
+            check_page(fd, "cursor page", L.CURSOR_SIZE)
         for slot, serial, fd in zip(reply.slots, reply.serials, fds):
             pages.append((slot, serial, Mapping(fd, L.CURSOR_SIZE, writable=False)))
     except BaseException:

@@ -315,12 +315,7 @@ class RingProducer(_Base):
             pad = size - pos
             if w + pad > self._limit and w + pad > self.rescan():
                 return -1
-            self._reserve_to(w + pad)
-            _REC_pack(self._data, pos, pad - L.RECORD_HEADER, _KIND_PAD)
-            self._publish(w + pad)
-            # Wake sleepers even for a PAD: we may now wait for them to step
-            # over it, and they would otherwise sleep with it unread.
-            self.after_publish()
+            self._publish_pad()
             w += pad
             pos = 0
         if w + rec > self._limit and w + rec > self.rescan():
@@ -340,8 +335,18 @@ class RingProducer(_Base):
         pad = self.data_size - w % self.data_size
         if w + pad + rec > self._limit and w + pad + rec > self.rescan():
             return
+        self._publish_pad()
+
+    def _publish_pad(self) -> None:
+        """Cover the rest of the data area with a PAD record and publish it.
+        The caller checked that the space is free.  Sleepers are woken even
+        for a PAD: we may now wait for them to step over it, and they would
+        otherwise sleep with it unread."""
+        w = self._w
+        pos = w % self.data_size
+        pad = self.data_size - pos
         self._reserve_to(w + pad)
-        _REC_pack(self._data, w % self.data_size, pad - L.RECORD_HEADER, _KIND_PAD)
+        _REC_pack(self._data, pos, pad - L.RECORD_HEADER, _KIND_PAD)
         self._publish(w + pad)
         self.after_publish()
 
@@ -650,7 +655,7 @@ class RingConsumer(_Base):
             self.check()
         iw = self._iw
         r = self._r
-        if iw[_W_RESERVE] > r + self.data_size:
+        if iw[_W_RESERVE] > r + self.data_size:  # check_intact(), inlined: this is the hot path
             raise self.overwritten()
         self._r = r = r + L.RECORD_HEADER + ((n + 7) & ~7)
         self._cur[_W_CURSOR] = r

@@ -57,6 +57,20 @@ class Limits:
     # Requests in flight per connection before we stop reading from it, so one
     # client pipelining requests cannot grow the broker's buffers.
     max_pending_frames: int = 16
+    # The broker's file descriptors one uid may pin: its sockets and pidfds,
+    # the segment and ring fds of channels it created, its ring consumers'
+    # cursor pages, and the fds of replies it has not read yet (in flight,
+    # which the kernel charges to the broker's user).  In the spirit of
+    # dbus-broker's per-user quotas, sized so a uid at max_connections_per_uid
+    # and max_segments_per_uid (ring channels need 14 fds each) still fits,
+    # while a handful of uids cannot exhaust RLIMIT_NOFILE between them.
+    max_fds_per_uid: int = 2048
+    # Refusals of one uid that are answered, logged and recorded per window;
+    # after that its connections are closed unanswered (only uids no rule
+    # names) and counted, with one summary event per window.  journald's
+    # RateLimitIntervalSec=30s is the model for the window.
+    refusals_per_uid_burst: int = 16
+    refusal_window: float = 30.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

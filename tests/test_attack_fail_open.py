@@ -14,6 +14,7 @@ import pytest
 
 from adversary import HELLO, RawPeer, counters, hello_attach, policy_toml, write_config, stable_fd_count, wait_fd_baseline
 from helpers import NOBODY, run_in_child
+from shmbroker.limits import DEFAULT_LIMITS
 
 CHANNEL = "failopen"
 
@@ -80,8 +81,14 @@ def test_refused_peer_hanging_up_at_every_byte_is_rejected_every_time(open_broke
 
     n = run_in_child(attacker, uid=NOBODY, gid=NOBODY)
     status = _settled(broker, baseline)
-    assert status["counters"].get("peer_rejected", 0) - before == n
-    assert status["counters"].get("attaches", 0) == 0
+    counts = status["counters"]
+    # Every connection was refused: the first refusals_per_uid_burst with an
+    # answer and a security event each, the rest closed unanswered and counted
+    # (a uid no rule names gets no more of the broker's time than that).
+    rejected = counts.get("peer_rejected", 0) - before
+    assert rejected == DEFAULT_LIMITS.refusals_per_uid_burst
+    assert rejected + counts.get("connections_dropped", 0) == n
+    assert counts.get("attaches", 0) == 0
     assert all(e["uid"] == NOBODY for e in status["security_events"] if e["kind"] == "peer_rejected")
 
 

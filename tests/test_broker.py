@@ -281,24 +281,17 @@ def test_a_queued_reply_keeps_its_own_copy_of_each_fd() -> None:
     closed meanwhile, the number reused for another channel's segment, and
     the reply then carried the wrong segment.  Replies now queue duplicates,
     so the fd that leaves is always the one the reply was made with."""
-    import collections
-    import types
+    from shmbroker._broker.outbox import Outbox, duplicate
 
-    from shmbroker._broker.loop import Broker
-    from shmbroker._sys import fdpass
-    from shmbroker._wire import messages as m
-    from shmbroker._wire.connection import Connection, Side
-
-    session = types.SimpleNamespace(conn=Connection(Side.BROKER, max_frame_size=65536), outq=collections.deque())
+    outbox = Outbox()
     segment = os.memfd_create("segment-of-channel-a", os.MFD_CLOEXEC)
     segment_ino = os.fstat(segment).st_ino
-    Broker._send(None, session, m.Error("limit", "reply that waits"), [segment])  # type: ignore[arg-type]
+    outbox.put_owned(b"reply that waits", duplicate([segment]))
     os.close(segment)  # revoked while the reply waits
     other = os.memfd_create("segment-of-channel-b", os.MFD_CLOEXEC)
     try:
         assert other == segment, "the kernel did not reuse the number; the scenario needs it"
-        ((_, queued),) = session.outq
-        assert [os.fstat(fd).st_ino for fd in queued] == [segment_ino]
-        fdpass.close_all(queued)
+        assert [os.fstat(fd).st_ino for fd in outbox.queued_fds()] == [segment_ino]
     finally:
+        outbox.clear()
         os.close(other)

@@ -57,6 +57,8 @@ MARGIN = {
     "getrandom", "clock_gettime", "clock_nanosleep", "write", "writev", "sendto", "sendmsg", "recvmsg",
     "epoll_wait", "epoll_pwait", "epoll_ctl", "fcntl", "pwrite64", "ftruncate",
     "memfd_create",  # the memfd segment backend (seals via fcntl)
+    "fallocate",  # segment pages reserved up front; a punch when a wipe cannot write
+    "eventfd2",  # the reserve fd traded for a connection when out of fds
 }
 
 

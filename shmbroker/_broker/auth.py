@@ -110,8 +110,9 @@ def _exe_path(pid: int) -> str:
         return "?"
 
 
-def verify_peer(sock: socket.socket) -> VerifiedPeer:
-    pid, uid, gid = peercred.peer_credentials(sock)
+def verify_peer(sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> VerifiedPeer:
+    """Verify the peer of ``sock``; ``credentials`` is SO_PEERCRED if already read."""
+    pid, uid, gid = credentials or peercred.peer_credentials(sock)
     if pid <= 0:
         # 0 means the peer's pid is not visible in our pid namespace.
         raise AuthError("peer has no pid visible to the broker (another pid namespace?)")

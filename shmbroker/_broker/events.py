@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import logging
 import time
 from typing import Any
@@ -14,12 +15,27 @@ log = logging.getLogger(__name__)
 # flood of rejected connections cannot grow the broker's memory.
 MAX_KEPT_EVENTS = 256
 
-EVENT_KINDS = ("peer_rejected", "lease_broken", "identity_changed", "panic_wipe", "segment_truncated")
+
+class EventKind(str, enum.Enum):
+    """Every kind of security event, declared once.
+
+    ``record`` takes only members of this enum, so a kind that is not
+    declared here is a type error, never a crash of the serving broker."""
+
+    PEER_REJECTED = "peer_rejected"
+    LEASE_BROKEN = "lease_broken"
+    IDENTITY_CHANGED = "identity_changed"
+    PANIC_WIPE = "panic_wipe"
+    SEGMENT_TRUNCATED = "segment_truncated"
+    WIPE_FAILED = "wipe_failed"
+    # A uid kept being refused past its burst; later refusals of that uid are
+    # counted, not logged one by one (ratelimit.py).
+    REFUSALS_SUPPRESSED = "refusals_suppressed"
 
 
 @dataclasses.dataclass(frozen=True)
 class SecurityEvent:
-    kind: str
+    kind: EventKind
     time: float
     pid: int | None
     uid: int | None
@@ -27,7 +43,9 @@ class SecurityEvent:
     channel: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["kind"] = self.kind.value if isinstance(self.kind, EventKind) else str(self.kind)
+        return out
 
 
 class EventLog:
@@ -39,14 +57,18 @@ class EventLog:
         self.counters[name] += n
 
     def record(
-        self, kind: str, detail: str, *, pid: int | None = None, uid: int | None = None, channel: str | None = None
+        self, kind: EventKind, detail: str, *, pid: int | None = None, uid: int | None = None, channel: str | None = None
     ) -> SecurityEvent:
-        assert kind in EVENT_KINDS, kind
+        name = kind.value if isinstance(kind, EventKind) else str(kind)
+        if not isinstance(kind, EventKind):
+            # Only a bug gets here (the type says EventKind).  Bookkeeping
+            # must never take the broker down: keep the event and say so.
+            log.error("undeclared security event kind %r", name)
         event = SecurityEvent(kind=kind, time=time.time(), pid=pid, uid=uid, detail=detail, channel=channel)
         self.events.append(event)
-        self.counters[kind] += 1
+        self.counters[name] += 1
         log.warning(
-            "security event %s: %s", kind, detail,
-            extra={"event": kind, "fields": {"pid": pid, "uid": uid, "channel": channel}},
+            "security event %s: %s", name, detail,
+            extra={"event": name, "fields": {"pid": pid, "uid": uid, "channel": channel}},
         )
         return event

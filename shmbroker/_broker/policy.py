@@ -106,16 +106,29 @@ class Policy:
     rules: tuple[Rule, ...]
     status: Principals
 
+    def check_connect(self, uid: int, gid: int, groups: tuple[int, ...]) -> None:
+        """Refuse a peer no rule (nor the status rule) names by uid or group.
+
+        Decidable from SO_PEERCRED and SO_PEERGROUPS alone, so an outsider is
+        refused before the costlier executable check."""
+        identity = Identity(pid=0, uid=uid, gid=gid, groups=groups, exe=(0, 0), exe_path="")
+        if self.status.matches(identity) or any(r.principals.matches(identity) for r in self.rules):
+            return
+        raise PermissionDenied(self._uid_refusal(identity))
+
+    def _uid_refusal(self, identity: Identity) -> str:
+        allowed = "; ".join(r.principals.describe() for r in self.rules) or "no rules"
+        return (
+            f"permission denied: uid {identity.uid} (gid {identity.gid}) is not allowed "
+            f"to use this broker ({allowed})"
+        )
+
     def admit(self, identity: Identity) -> None:
         """Called at accept: refuse a peer that no rule could ever allow."""
         if self.status.matches(identity) or any(r.matches_peer(identity) for r in self.rules):
             return
         if not any(r.principals.matches(identity) for r in self.rules):
-            allowed = "; ".join(r.principals.describe() for r in self.rules) or "no rules"
-            raise PermissionDenied(
-                f"permission denied: uid {identity.uid} (gid {identity.gid}) is not allowed "
-                f"to use this broker ({allowed})"
-            )
+            raise PermissionDenied(self._uid_refusal(identity))
         allowed_exes = sorted({p for r in self.rules if r.executables for p in r.executables.paths})
         raise PermissionDenied(
             f"permission denied: executable {identity.exe_path} of pid {identity.pid} is not "

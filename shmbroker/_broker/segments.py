@@ -25,6 +25,15 @@ Two backends (docs/attacks.md, A6):
   memfd without those seals.  A memfd cannot take a lease, so an open of
   /proc/PID/fd/N by root (or a ptrace-capable same-uid process) goes
   unnoticed.
+
+Segments are never sparse (docs/attacks.md, "full /dev/shm"): pages of a
+sparse tmpfs file are allocated on first touch, so with /dev/shm full that
+touch is a SIGBUS in whichever client made it.  :meth:`Segment.reserve`
+allocates every page with fallocate(2) before the segment is handed out
+(ENOSPC there is a refusal, not a crash), and wipes write zeros into those
+reserved pages, which needs no free space.  Both work in steps so the
+broker's loop can interleave a 1 GiB segment with serving everyone else
+(work.py).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import secrets
 from collections.abc import Callable
 
 from .._layout import HEADER_SIZE, REVOKED, REVOKED_OFFSET, Header, segment_length
-from .._sys import lease, memfd, shm
+from .._sys import falloc, lease, memfd, shm
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +52,11 @@ log = logging.getLogger(__name__)
 # lease shows someone opened it in the window.  Either is already an attack;
 # a handful of retries keeps the broker serving without spinning forever.
 MAX_CREATE_ATTEMPTS = 8
-_WIPE_CHUNK = bytes(1 << 20)
+# Bytes reserved or wiped in one step.  One step is what a single segment
+# can add to any other peer's wait (work.py runs one step per uid per loop
+# iteration), so it stays well below a millisecond of kernel work.
+STEP_BYTES = 2 << 20
+_ZEROS = bytes(STEP_BYTES)
 
 
 class LeaseUnavailable(Exception):
@@ -67,6 +80,11 @@ class Segment:
         # A posix object cannot have one: any second open, ours included,
         # makes the write lease impossible.
         self.readonly_fd = -1
+        # Payload bytes (after the header page) reserved so far; ready once
+        # all are.  The header page is allocated by writing the header.
+        self._reserved = 0
+        # Bytes of the object zeroed so far by a wipe in progress (None: no wipe).
+        self._wiped: int | None = None
 
     @classmethod
     def create(
@@ -147,20 +165,81 @@ class Segment:
         except OSError:
             return True
 
-    def wipe(self) -> None:
-        """Set the revoked word, zero every other byte, then set it again.
+    @property
+    def ready(self) -> bool:
+        """Every page is reserved: the segment may be handed out."""
+        return self._reserved >= self.length - HEADER_SIZE
+
+    def reserve(self, budget: int = STEP_BYTES) -> bool:
+        """Reserve up to ``budget`` more bytes of pages; True once all are.
+
+        Raises OSError (ENOSPC, ENOMEM) when the memory is not there: the
+        caller refuses the attach and closes the segment, which frees what
+        was reserved."""
+        todo = min(budget, self.length - HEADER_SIZE - self._reserved)
+        if todo > 0:
+            falloc.reserve(self.fd, HEADER_SIZE + self._reserved, todo)
+            self._reserved += todo
+        return self.ready
+
+    def begin_wipe(self) -> str | None:
+        """Mark the segment revoked for every mapping; return a problem, or None.
 
         The revoked word is non-zero before any byte is zeroed and stays so:
         a ring consumer copies a message and then checks the word, so a copy
-        that raced with the wipe is never delivered (docs/ring.md)."""
-        os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
-        for start, end in ((HEADER_SIZE, self.length), (0, REVOKED_OFFSET), (REVOKED_OFFSET + REVOKED.size, HEADER_SIZE)):
-            offset = start
-            while offset < end:
-                chunk = _WIPE_CHUNK[: min(len(_WIPE_CHUNK), end - offset)]
-                offset += os.pwrite(self.fd, chunk, offset)
-        os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
+        that raced with the wipe is never delivered (docs/ring.md).  Never
+        raises: a wipe is what the broker does when something went wrong."""
+        if self._wiped is not None:
+            return None
+        self._wiped = 0
         self.revoked = True
+        problem = None
+        try:
+            if os.fstat(self.fd).st_size != self.length:
+                # A peer truncated (or grew) an unsealable posix object.
+                # Restoring the size allocates nothing (the file is sparse
+                # again where it was cut), and mappings that were not cut
+                # then read instead of faulting.
+                os.ftruncate(self.fd, self.length)
+        except OSError as exc:
+            problem = f"could not restore the size of a truncated segment: {exc.strerror or exc}"
+        try:
+            os.pwrite(self.fd, REVOKED.pack(1), REVOKED_OFFSET)
+        except OSError as exc:
+            # Only when a truncation freed the header page and /dev/shm is
+            # full: then nothing of the segment is left there to protect.
+            problem = f"could not set the revoked word: {exc.strerror or exc}"
+        return problem
+
+    def wipe_step(self, budget: int = STEP_BYTES) -> bool:
+        """Zero up to ``budget`` more bytes; True once the wipe is complete.
+
+        Zeros go into the pages reserved at creation, so this needs no free
+        space.  Where a truncation freed pages and a write would need new
+        ones, the range is punched instead: a hole needs no space either,
+        and reads as zeros.  Never raises."""
+        if self._wiped is None:
+            self.begin_wipe()
+        assert self._wiped is not None
+        # The header page last, around the revoked word, which stays set.
+        spans = ((HEADER_SIZE, self.length), (0, REVOKED_OFFSET), (REVOKED_OFFSET + REVOKED.size, HEADER_SIZE))
+        done = self._wiped
+        for start, end in spans:
+            if done >= end - start:
+                done -= end - start
+                continue
+            todo = min(budget, end - start - done)
+            _zero(self.fd, start + done, todo)
+            self._wiped += todo
+            return False
+        return True
+
+    def wipe(self) -> str | None:
+        """The whole wipe at once (shutdown, panic); return a problem, or None."""
+        problem = self.begin_wipe()
+        while not self.wipe_step(1 << 62):
+            pass
+        return problem
 
     def close(self) -> None:
         if self.fd < 0:
@@ -175,3 +254,20 @@ class Segment:
         if self.readonly_fd >= 0:
             os.close(self.readonly_fd)
             self.readonly_fd = -1
+
+
+def _zero(fd: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        chunk = min(len(_ZEROS), end - offset)
+        try:
+            written = os.pwrite(fd, memoryview(_ZEROS)[:chunk], offset)
+        except OSError:
+            written = 0
+        if written <= 0:
+            try:
+                falloc.punch_hole(fd, offset, end - offset)
+            except OSError as exc:
+                log.error("could not zero bytes %d-%d of a segment: %s", offset, end, exc.strerror or exc)
+            return
+        offset += written

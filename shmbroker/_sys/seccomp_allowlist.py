@@ -16,6 +16,7 @@ X86_64: dict[str, int] = {
     "eventfd2": 290,
     "exit": 60,  # margin
     "exit_group": 231,
+    "fallocate": 285,
     "fchmod": 91,
     "fcntl": 72,
     "fstat": 5,  # margin

@@ -76,6 +76,11 @@ class Connection:
             self.state = State.ERROR
             raise
 
+    @property
+    def request_waiting(self) -> bool:
+        """A whole request is buffered and would be surfaced by :meth:`next_event` now."""
+        return not (self.side is Side.BROKER and self._pending) and self._decoder.has_frame()
+
     def next_event(self) -> m.Message | _NeedData | _Closed:
         if self.state is State.ERROR:
             raise ProtocolError("connection already failed")

@@ -40,6 +40,13 @@ class FrameDecoder:
                 f"(at most {self._max_buffered} may be in flight)"
             )
 
+    def has_frame(self) -> bool:
+        """Whether :meth:`next_frame` would return a frame (or raise) without more data."""
+        if len(self._buf) < PREFIX_SIZE:
+            return False
+        (length,) = _LENGTH.unpack_from(self._buf)
+        return length == 0 or length > self._max_frame_size or len(self._buf) >= PREFIX_SIZE + length
+
     def next_frame(self) -> bytes | None:
         if len(self._buf) < PREFIX_SIZE:
             return None

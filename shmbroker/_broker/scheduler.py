@@ -1,0 +1,75 @@
+"""Fair scheduling of the broker's work between uids.
+
+The broker is one thread, so any work done for one peer delays every other
+one.  Everything a peer can make the broker do after accept() (verifying it,
+handling each of its requests, each step of reserving or wiping a segment it
+created) is a task queued under that peer's uid.  Each round gives every uid
+with work a time quantum: its tasks run, oldest first, until the quantum is
+spent (at least one task per round).  A uid pipelining requests over many
+connections, or creating and dropping 1 GiB channels, therefore slows only
+itself: another uid's next task waits at most one quantum per busy uid, the
+deficit round robin of network schedulers with time as the currency.
+
+Sans-IO: tasks are callables, the clock is injected.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+# A task returns True when it has more to do (it is queued again, behind
+# the uid's other tasks) and False when it is finished.
+Task = Callable[[], bool]
+
+# Per uid and round.  Well above one request (tens of microseconds) and one
+# segment step (segments.STEP_BYTES), so a lone busy uid still gets most of
+# its work done per round, and low enough that a uid that saturates its
+# share adds well under a millisecond to anyone else's round trip.
+QUANTUM_SECONDS = 200e-6
+
+
+class FairScheduler:
+    def __init__(self, quantum: float = QUANTUM_SECONDS, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.quantum = quantum
+        self._clock = clock
+        self._queues: dict[int, collections.deque[Task]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+    def add(self, uid: int, task: Task) -> None:
+        self._queues.setdefault(uid, collections.deque()).append(task)
+
+    def run_round(self) -> None:
+        """One quantum for each uid that has work now (work added meanwhile waits for the next round)."""
+        for uid in list(self._queues):
+            queue = self._queues.get(uid)
+            if queue is None:
+                continue
+            start = self._clock()
+            budget = len(queue)  # never run a task twice in one round
+            while queue and budget:
+                budget -= 1
+                task = queue.popleft()
+                if task():
+                    queue.append(task)
+                if self._clock() - start >= self.quantum:
+                    break
+            if not queue and self._queues.get(uid) is queue:
+                del self._queues[uid]
+        # Rotate so the uid served first this round is served last next round.
+        if len(self._queues) > 1:
+            first = next(iter(self._queues))
+            self._queues[first] = self._queues.pop(first)
+
+    def run_all(self) -> None:
+        """Run everything to completion (shutdown, panic): latency no longer matters."""
+        while self._queues:
+            for uid in list(self._queues):
+                queue = self._queues.pop(uid)
+                while queue:
+                    task = queue.popleft()
+                    while task():
+                        pass

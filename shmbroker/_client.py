@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 import time
 from types import TracebackType
 from typing import Any
@@ -27,9 +28,6 @@ MAX_REPLY_FRAME = 16 * 1024 * 1024
 # How long close() waits for the broker to confirm a detach.  Detach is a
 # courtesy (the broker also notices the socket closing), so keep it short.
 DETACH_TIMEOUT = 1.0
-# Back-off while the broker's listen backlog is full (exponential, capped).
-CONNECT_RETRY_MIN = 0.005
-CONNECT_RETRY_MAX = 0.1
 
 _ERRORS: dict[str, type[errors.ShmBrokerError]] = {
     "protocol": errors.ProtocolError,
@@ -74,23 +72,29 @@ class _Link:
             raise
 
     def _connect(self) -> None:
-        # A full listen backlog makes a non-blocking AF_UNIX connect() fail
-        # with EAGAIN (not EINPROGRESS), so Python's timeout mode raises at
-        # once; wait for room until the deadline like a blocking connect would.
-        pause = CONNECT_RETRY_MIN
-        while True:
-            self._arm()
-            try:
-                self.sock.connect(self.path)
-                return
-            except BlockingIOError:
-                if time.monotonic() + pause >= self.deadline:
-                    raise errors.Timeout(
-                        f"the broker at {self.path} is not accepting connections (its listen backlog is "
-                        "full: it is overloaded); try again later"
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, CONNECT_RETRY_MAX)
+        # A blocking connect() with SO_SNDTIMEO, not Python's timeout mode:
+        # while the broker's listen backlog is full, a blocking AF_UNIX
+        # connect waits in the kernel's queue of connectors and is woken, one
+        # at a time in order, as the broker accepts, whereas a non-blocking
+        # one fails with EAGAIN and can only poll, losing the freed slot to
+        # whoever asks first (another uid flooding connects, say).
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.Timeout(f"the broker at {self.path} did not answer in time")
+        seconds = int(remaining)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, int((remaining - seconds) * 1e6))
+        )
+        try:
+            self.sock.connect(self.path)
+        except (BlockingIOError, InterruptedError):
+            raise errors.Timeout(
+                f"the broker at {self.path} is not accepting connections (its listen backlog is "
+                "full: it is overloaded or stopped); try again later"
+            ) from None
+        finally:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
     def _arm(self) -> None:
         remaining = self.deadline - time.monotonic()

@@ -44,8 +44,11 @@ def test_allowed_peer_hanging_up_at_every_byte_is_never_granted(broker: Any) -> 
     status = _settled(broker, baseline)
     after = status["counters"]
     assert after.get("attaches", 0) == before.get("attaches", 0) == 0
-    # The secure path ran for every one of them (plus our status queries).
-    assert after["peers_verified"] - before["peers_verified"] >= n
+    # The secure path ran for every one of them (plus our status queries),
+    # or the peer was gone before its turn and was dropped unverified.
+    verified = after["peers_verified"] - before["peers_verified"]
+    dropped = after.get("hung_up_unverified", 0) - before.get("hung_up_unverified", 0)
+    assert verified + dropped >= n
     assert not [c for c in status["channels"] if c["name"] == CHANNEL and c["live"]]
 
 
@@ -82,12 +85,13 @@ def test_refused_peer_hanging_up_at_every_byte_is_rejected_every_time(open_broke
     n = run_in_child(attacker, uid=NOBODY, gid=NOBODY)
     status = _settled(broker, baseline)
     counts = status["counters"]
-    # Every connection was refused: the first refusals_per_uid_burst with an
+    # Every connection was refused: up to refusals_per_uid_burst with an
     # answer and a security event each, the rest closed unanswered and counted
-    # (a uid no rule names gets no more of the broker's time than that).
+    # (a uid no rule names gets no more of the broker's time than that), or
+    # dropped because the peer had hung up before the broker looked.
     rejected = counts.get("peer_rejected", 0) - before
-    assert rejected == DEFAULT_LIMITS.refusals_per_uid_burst
-    assert rejected + counts.get("connections_dropped", 0) == n
+    assert rejected <= DEFAULT_LIMITS.refusals_per_uid_burst
+    assert rejected + counts.get("connections_dropped", 0) + counts.get("hung_up_unverified", 0) == n
     assert counts.get("attaches", 0) == 0
     assert all(e["uid"] == NOBODY for e in status["security_events"] if e["kind"] == "peer_rejected")
 

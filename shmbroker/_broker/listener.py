@@ -14,9 +14,13 @@ from .._sys.peercred import peer_credentials
 
 log = logging.getLogger(__name__)
 
-# Backlog for connections the kernel queues before accept(); the loop drains
-# it quickly, and the incomplete-connection cap applies after accept anyway.
-LISTEN_BACKLOG = 128
+# Connections the kernel queues before accept().  Short on purpose: the
+# broker learns a connector's uid only by accepting it, so a newcomer waits
+# behind every connection queued before it, each of which may be another
+# uid's flood.  Connectors beyond the backlog are not refused: a blocking
+# connect() (the client's) waits in the kernel's queue and is let in, in
+# order, as the loop accepts (docs/attacks.md, A8).
+LISTEN_BACKLOG = 16
 
 
 class Listener:

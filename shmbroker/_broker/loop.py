@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -443,6 +444,11 @@ class Broker:
         )
 
     def _admit(self, sock: socket.socket) -> None:
+        if _hung_up(sock):
+            # connect, send, close before we even looked: nothing to answer.
+            self.events.count("hung_up_unverified")
+            sock.close()
+            return
         sock.setblocking(False)
         try:
             credentials = peer_credentials(sock)
@@ -478,6 +484,13 @@ class Broker:
             return False
         self._unverified.discard(pending)
         sock, pid, uid = pending.sock, pending.pid, pending.uid
+        if _hung_up(sock):
+            # Gone before its turn: nothing can reach it any more, so it is
+            # not worth a verification (a flood of connect-and-close would
+            # otherwise buy one /proc inspection each).
+            self.events.count("hung_up_unverified")
+            pending.close()
+            return False
         try:
             peer = verify_peer(sock, (pending.pid, pending.uid, pending.gid))
         except AuthError as exc:
@@ -1009,7 +1022,8 @@ class Broker:
         log.warning("could not reserve the pages of channel %r: %s", channel.name, exc.strerror or exc)
         channel.segment = None
         self._close_ring(channel)
-        self._close_segment(segment)
+        segment.begin_wipe(free=True)  # never handed out; frees what was reserved
+        self._dispose(segment)
         self._fail_waiters(channel, LimitExceeded(_no_room(channel, exc)))
         self._forget_unused(channel)
 
@@ -1069,15 +1083,17 @@ class Broker:
     def _revoke(self, channel: Channel, *, at_once: bool = False) -> None:
         """Wipe the channel's segment for everyone attached and stop handing it out.
 
-        The revoked word is set at once; zeroing the rest is segment work
-        done in steps (at once at shutdown and on panic).  The segment, and a
-        posix segment's lease, is released only when it is all zeros: an
-        opener blocked by the lease break sees nothing else."""
+        The revoked word is set at once; wiping the rest is segment work done
+        in steps (at once at shutdown and on panic).  The segment, and a
+        posix segment's lease, is released only when the wipe is complete: an
+        opener blocked by the lease break sees nothing but zeros."""
         segment = channel.segment
         if segment is None:
             return
         channel.segment = None
-        problem = segment.begin_wipe()
+        # Peers still attached may read their mapping: overwrite, so their
+        # reads need no new page; nobody attached: free the pages.
+        problem = segment.begin_wipe(free=not (channel.sessions and segment.ready))
         if problem is not None:
             self.events.record(
                 EventKind.WIPE_FAILED, f"segment of channel {channel.name!r} (generation {segment.generation}): {problem}",
@@ -1088,12 +1104,14 @@ class Broker:
             self._fail_waiters(channel, ChannelRevoked(
                 f"channel {channel.name!r} was revoked before its segment was ready; attach again"
             ))
-        if not segment.ready:
-            self._close_segment(segment)  # never handed out: nothing to wipe
-            return
-        self.events.count("segments_wiped")
+        if segment.ready:
+            self.events.count("segments_wiped")
+        self._dispose(segment, at_once=at_once)
+
+    def _dispose(self, segment: Segment, *, at_once: bool = False) -> None:
+        """Finish the wipe begun on ``segment`` in steps charged to its creator, then close it."""
         charge = self._segment_charges.get(segment)
-        if at_once or segment.length <= STEP_BYTES or charge is None:
+        if at_once or charge is None or segment.length <= STEP_BYTES:
             segment.wipe()
             self._close_segment(segment)
             return
@@ -1230,6 +1248,13 @@ def _no_room(channel: Channel, exc: OSError) -> str:
         f"could not reserve {channel.spec.size} bytes for channel {channel.name!r}: {exc.strerror or exc}; "
         f"{where} is full, try again later or use a smaller size"
     )
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The peer closed its end (POLLHUP): whatever it sent, it can read no answer."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _unread(sock: socket.socket) -> int:

@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
 # lease shows someone opened it in the window.  Either is already an attack;
 # a handful of retries keeps the broker serving without spinning forever.
 MAX_CREATE_ATTEMPTS = 8
-# Bytes reserved or wiped in one step.  One step is what a single segment
-# can add to any other peer's wait (work.py runs one step per uid per loop
-# iteration), so it stays well below a millisecond of kernel work.
-STEP_BYTES = 2 << 20
+# Bytes reserved, zeroed or freed in one step.  One step is the most one
+# segment's work can add to another peer's wait (scheduler.py runs at least
+# one task per uid and round), so it stays well below a millisecond of
+# kernel work: allocating, zeroing or freeing 1 MiB of tmpfs pages.
+STEP_BYTES = 256 << 10
 _ZEROS = bytes(STEP_BYTES)
 
 
@@ -83,8 +84,11 @@ class Segment:
         # Payload bytes (after the header page) reserved so far; ready once
         # all are.  The header page is allocated by writing the header.
         self._reserved = 0
-        # Bytes of the object zeroed so far by a wipe in progress (None: no wipe).
+        # Bytes of the object wiped so far by a wipe in progress (None: no wipe).
         self._wiped: int | None = None
+        # How the payload is wiped: punched (pages freed) or overwritten with
+        # zeros (pages kept, see begin_wipe).
+        self._free = False
 
     @classmethod
     def create(
@@ -182,16 +186,27 @@ class Segment:
             self._reserved += todo
         return self.ready
 
-    def begin_wipe(self) -> str | None:
+    def begin_wipe(self, *, free: bool) -> str | None:
         """Mark the segment revoked for every mapping; return a problem, or None.
 
-        The revoked word is non-zero before any byte is zeroed and stays so:
-        a ring consumer copies a message and then checks the word, so a copy
-        that raced with the wipe is never delivered (docs/ring.md).  Never
-        raises: a wipe is what the broker does when something went wrong."""
+        The revoked word is non-zero before any byte is wiped and stays so: a
+        ring consumer copies a message and then checks the word, so a copy
+        that raced with the wipe is never delivered (docs/ring.md).
+
+        ``free``: punch the payload's pages out instead of overwriting them.
+        Freeing is what keeps the final close() cheap (closing the last
+        reference to 1 GiB of pages frees them all in that one call, a stall
+        of a tenth of a second), but a peer that still maps the segment would
+        then need a fresh page on its next read of it, which is a SIGBUS when
+        /dev/shm is full.  So segments that attached peers may still read are
+        overwritten (their pages are freed by the peers' own munmap later),
+        and only those nobody is attached to any more are punched.
+
+        Never raises: a wipe is what the broker does when something went wrong."""
         if self._wiped is not None:
             return None
         self._wiped = 0
+        self._free = free
         self.revoked = True
         problem = None
         try:
@@ -212,31 +227,35 @@ class Segment:
         return problem
 
     def wipe_step(self, budget: int = STEP_BYTES) -> bool:
-        """Zero up to ``budget`` more bytes; True once the wipe is complete.
+        """Wipe up to ``budget`` more bytes; True once the wipe is complete.
 
-        Zeros go into the pages reserved at creation, so this needs no free
-        space.  Where a truncation freed pages and a write would need new
-        ones, the range is punched instead: a hole needs no space either,
-        and reads as zeros.  Never raises."""
+        Zeros go into the pages reserved at creation, so they need no free
+        space; where a truncation freed pages and a write would need new
+        ones, the range is punched instead.  The header page is always
+        overwritten, around the revoked word, which stays set.  Never raises."""
         if self._wiped is None:
-            self.begin_wipe()
+            self.begin_wipe(free=False)
         assert self._wiped is not None
-        # The header page last, around the revoked word, which stays set.
+        if self.fd < 0:
+            return True  # closed meanwhile (the wipe was finished at once)
         spans = ((HEADER_SIZE, self.length), (0, REVOKED_OFFSET), (REVOKED_OFFSET + REVOKED.size, HEADER_SIZE))
         done = self._wiped
-        for start, end in spans:
+        for index, (start, end) in enumerate(spans):
             if done >= end - start:
                 done -= end - start
                 continue
             todo = min(budget, end - start - done)
-            _zero(self.fd, start + done, todo)
+            if index == 0 and self._free:
+                _punch(self.fd, start + done, todo)
+            else:
+                _zero(self.fd, start + done, todo)
             self._wiped += todo
             return False
         return True
 
-    def wipe(self) -> str | None:
+    def wipe(self, *, free: bool = False) -> str | None:
         """The whole wipe at once (shutdown, panic); return a problem, or None."""
-        problem = self.begin_wipe()
+        problem = self.begin_wipe(free=free)
         while not self.wipe_step(1 << 62):
             pass
         return problem
@@ -265,9 +284,13 @@ def _zero(fd: int, offset: int, length: int) -> None:
         except OSError:
             written = 0
         if written <= 0:
-            try:
-                falloc.punch_hole(fd, offset, end - offset)
-            except OSError as exc:
-                log.error("could not zero bytes %d-%d of a segment: %s", offset, end, exc.strerror or exc)
+            _punch(fd, offset, end - offset)
             return
         offset += written
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    try:
+        falloc.punch_hole(fd, offset, length)
+    except OSError as exc:
+        log.error("could not zero bytes %d-%d of a segment: %s", offset, offset + length, exc.strerror or exc)

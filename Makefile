@@ -6,15 +6,19 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-long bench clean
 
-$(STAMP): pyproject.toml
+# The C extension (the SIGBUS guard) is built in place by the editable
+# install: rebuild when its source or the build script changes.
+$(STAMP): pyproject.toml setup.py shmbroker/_guard.c
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "shmbroker needs Python 3.11 or newer; run e.g. 'make PYTHON=python3.11 test'"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	@# python-prctl compiles against libcap; on machines without libcap-dev we
 	@# keep going with the ctypes fallback instead of failing the whole setup.
+	@# shmbroker's own C extension is not optional: if it cannot build, the
+	@# second attempt fails too, with a message that says what to install.
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench,prctl]' || { \
-	  echo "note: python-prctl did not build (apt-get install libcap-dev to get it); using the ctypes fallback"; \
+	  echo "note: installing with python-prctl failed (it needs apt-get install libcap-dev); retrying without it, using the ctypes fallback"; \
 	  $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'; }
 	@touch $@
 
@@ -35,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/shmbroker bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis shmbroker/*.so

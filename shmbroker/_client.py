@@ -17,7 +17,7 @@ from ._paths import default_socket_path
 from ._ring.client import CursorFetcher, RingPages, take_ring_fds
 from ._ring.endpoint import Receiver, RingMethods, Sender
 from ._ring.layout import resolve_max_message
-from ._sys import fdpass, memfd
+from ._sys import fdpass, memfd, sigbus
 from ._sys.mapping import Mapping
 from ._wire import messages as m
 from ._wire.connection import CLOSED, NEED_DATA, Connection, Side
@@ -233,14 +233,21 @@ class Attachment(RingMethods):
 
     @property
     def revoked(self) -> bool:
-        """True once the broker wiped this segment (lease break, identity change, panic)."""
+        """True once the broker wiped this segment (lease break, identity change,
+        panic), or a peer truncated it under this process (the SIGBUS guard
+        then replaced this mapping with zero pages)."""
         if self._link is None:
             return True
         return REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0] != 0
 
     def check(self) -> None:
-        """Raise ChannelRevoked if the broker revoked the segment."""
+        """Raise ChannelRevoked if the segment was revoked."""
         if self.revoked:
+            if self._mapping.faulted:
+                raise errors.ChannelRevoked(
+                    f"channel {self.channel!r} (generation {self.generation}) was truncated by a peer; this "
+                    "process now maps zeros in its place (the broker revokes it too); attach again for a fresh segment"
+                )
             raise errors.ChannelRevoked(
                 f"channel {self.channel!r} (generation {self.generation}) was revoked by the broker; "
                 "attach again for a fresh segment"
@@ -425,8 +432,13 @@ def _map_segment(reply: m.Attached, fds: list[int]) -> Mapping:
         _check_seals(fd)
         # Consumers never write to the segment (a ring's cursors and flags
         # live in pages of their own): map it read-only even where the fd
-        # would allow more.
-        mapping = Mapping(fd, length, writable=reply.role == "producer")
+        # would allow more.  Guarded, because any peer of a posix channel
+        # can truncate the object under us (memfd segments are sealed, but
+        # one code path for both costs nothing).
+        try:
+            mapping = Mapping(fd, length, writable=reply.role == "producer", revoked_offset=REVOKED_OFFSET)
+        except sigbus.TableFull as exc:
+            raise errors.LimitExceeded(f"{exc}; close attachments this process no longer uses") from None
     finally:
         fdpass.close_all(fds)
     header = parse_header(mapping.view)

@@ -86,10 +86,11 @@ def test_truncating_a_ring_wakes_its_sleepers_and_leaks_no_eventfd(broker_factor
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
     # Truncate only once the sleeper is inside poll(2) (x86-64 syscall 7):
-    # a consumer that touches a truncated posix segment dies of SIGBUS, the
-    # documented posix window (docs/attacks.md, A6), which is not what this
-    # test is about.  The spin before sleeping gives up the GIL, so without
-    # this wait the truncation can land while the sleeper still polls memory.
+    # a consumer that touches a truncated posix segment sees the revocation
+    # at once through its own SIGBUS guard (docs/attacks.md, A6), without
+    # being woken, which is not what this test is about.  The spin before
+    # sleeping gives up the GIL, so without this wait the truncation can land
+    # while the sleeper still polls memory.
     wait_until(lambda: _in_syscall(thread, 7), what="the sleeper to block in poll(2)")
     os.ftruncate(hostile.fds[0], 0)
     wait_until(lambda: b.events("segment_truncated"), what="the segment_truncated event")

@@ -15,11 +15,13 @@ the fd.
 
 Two backends (docs/attacks.md, A6):
 * ``posix``: the object above.  Its lease detects anyone who open()s it
-  (/proc/PID/fd), but shm objects cannot be sealed: a producer holding the
-  fd can ftruncate() it (ftruncate on an fd does not break a lease) and
-  every other peer touching the mapping then dies of SIGBUS.  The broker
-  notices on its next tick (:meth:`Segment.truncated`), wipes (which
-  restores the size) and revokes; the window until then remains.
+  (/proc/PID/fd), but shm objects cannot be sealed: any peer holding the
+  fd (consumers too: they cannot get a read-only one) can ftruncate() it
+  (ftruncate on an fd does not break a lease).  A peer touching its mapping
+  past the new end gets SIGBUS; the client's guard (_sys/sigbus.py) turns
+  that into zero pages and a revoked segment instead of a crash.  The
+  broker notices on its next tick (:meth:`Segment.truncated`), wipes (which
+  restores the size) and revokes for everyone.
 * ``memfd``: memfd_create + F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL, so nobody
   can change its size and no peer can SIGBUS another; clients refuse a
   memfd without those seals.  A memfd cannot take a lease, so an open of

@@ -1,0 +1,62 @@
+"""Builds shmbroker's one C extension, the SIGBUS guard (shmbroker/_guard.c).
+
+Everything else about the package lives in pyproject.toml.  The guard is not
+optional: without it a peer truncating a posix segment kills the client, so
+a machine without a C compiler or the Python headers gets an error that says
+what to install instead of a package that imports and then crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, LinkError
+
+HINT = (
+    "shmbroker needs a C compiler and the Python development headers to build its SIGBUS guard "
+    "(shmbroker/_guard.c). On Debian or Ubuntu: apt-get install gcc python3-dev "
+    "(python3.11-dev for /usr/bin/python3.11); on Fedora: dnf install gcc python3-devel."
+)
+
+
+def _missing() -> list[str]:
+    missing = []
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    program = shlex.split(compiler)[0]
+    if shutil.which(program) is None:
+        missing.append(f"the C compiler {program!r} is not installed")
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        missing.append(f"Python.h is not in {include} (the Python headers are not installed)")
+    return missing
+
+
+class BuildGuard(build_ext):
+    def run(self) -> None:
+        missing = _missing()
+        if missing:
+            raise SystemExit("error: " + "; ".join(missing) + ".\n" + HINT)
+        super().run()
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, CompileError, LinkError) as exc:
+            raise SystemExit(f"error: building {ext.name} failed: {exc}\n{HINT}") from None
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "shmbroker._guard",
+            sources=["shmbroker/_guard.c"],
+            extra_compile_args=["-std=gnu11", "-Wall", "-Wextra"],
+        )
+    ],
+    cmdclass={"build_ext": BuildGuard},
+)

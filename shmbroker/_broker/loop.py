@@ -63,6 +63,7 @@ from . import auth
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
 from .config import BrokerConfig, ChannelSpec
 from .events import EventKind, EventLog
+from .policy import Identity
 from .listener import LISTEN_BACKLOG, Listener
 from .outbox import Outbox, duplicate
 from .quota import Charge, Ledger, Resource
@@ -820,6 +821,8 @@ class Broker:
     def _attach(self, session: Session, request: m.Attach) -> None:
         identity = session.peer.identity
         self.policy.authorize_attach(identity, request.channel, request.role)
+        if request.role == "consumer":
+            self._check_read_only_holds(identity, request.channel)
         channel = self.channels.get(request.channel)
         if channel is None:
             channel = self._create_channel(session, request)
@@ -844,6 +847,32 @@ class Broker:
             channel.waiting.append((session, request))
             return
         self._finish_attach(session, request, channel)
+
+    def _check_read_only_holds(self, identity: Identity, channel: str) -> None:
+        """Refuse a read-only consumer that could make its fds writable.
+
+        The segment and the ring's pages are owned by the broker's euid (the
+        fsuid that created them).  Mode 0 stops everyone else, but their
+        owner may fchmod its read-only fd and reopen /proc/self/fd/N
+        read-write: for a consumer of the broker's own uid, read-only would
+        be a promise the kernel does not keep.  Root is exempt (root can do
+        anything anyway); so is a peer the policy also lets produce on the
+        channel, for which read-only is no boundary.  A broker running as a
+        user of its own (the shipped units' `shmbroker`) never meets this."""
+        owner = os.geteuid()
+        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
+            return
+        self.events.record(
+            EventKind.PEER_REJECTED,
+            f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
+            pid=identity.pid, uid=identity.uid, channel=channel,
+        )
+        raise PermissionDenied(
+            f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
+            f"creates and could make a read-only one writable (fchmod, then reopen /proc/self/fd); its "
+            f"consumer-only rule for {channel!r} cannot be enforced.  Run the broker as a user of its own "
+            "(the shipped units use `shmbroker`) or this consumer as another uid"
+        )
 
     def _finish_attach(self, session: Session, request: m.Attach, channel: Channel) -> None:
         identity = session.peer.identity

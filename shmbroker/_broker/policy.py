@@ -158,6 +158,10 @@ class Policy:
             f"permission denied: no rule allows {role}s on channel {channel!r}"
         )
 
+    def permits(self, identity: Identity, channel: str, role: str) -> bool:
+        """Whether some rule lets this peer attach to ``channel`` as ``role``."""
+        return any(r.matches_peer(identity) and r.covers(channel, role) for r in self.rules)
+
     def may_create(self, identity: Identity, channel: str, role: str) -> bool:
         return role == "producer" and any(
             r.create and r.matches_peer(identity) and r.covers(channel, role) for r in self.rules

@@ -230,6 +230,7 @@ class Broker:
         self._wiping: dict[Segment, Charge] = {}
         self._segment_charges: dict[Segment, Charge] = {}
         self.started = time.time()
+        self._euid = os.geteuid()  # owns every segment and page this broker creates
         self._running = False
         self._wakeup_r = -1
         self._wakeup_w = -1
@@ -859,7 +860,7 @@ class Broker:
         anything anyway); so is a peer the policy also lets produce on the
         channel, for which read-only is no boundary.  A broker running as a
         user of its own (the shipped units' `shmbroker`) never meets this."""
-        owner = os.geteuid()
+        owner = self._euid
         if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
             return
         self.events.record(

@@ -145,11 +145,12 @@ def test_segment_fd_inherited_across_exec_stays_private(exe_broker: Any, copied_
     assert bytes.fromhex(result.stdout) != SECRET, "a disallowed executable read the payload"
 
 
-@pytest.mark.xfail(strict=True, reason="SCM_RIGHTS hands a verified connection to anyone (docs/attacks.md, A2)")
 @pytest.mark.parametrize("recipient", ["same-uid-other-exe", "other-uid"])
 def test_connection_handed_to_another_process_gets_nothing(
     exe_broker: Any, copied_python: Path, recipient: str
 ) -> None:
+    """SCM_RIGHTS hands a verified connection to anyone; SO_PASSCRED tells the
+    broker which process wrote each request, so the other one is refused."""
     import socket
 
     ours, theirs = socket.socketpair()
@@ -187,6 +188,33 @@ def test_connection_handed_to_another_process_gets_nothing(
     ours.close()
     theirs.close()
     assert not got_fd, "a process the policy does not allow received the segment"
+    events = wait_until(lambda: exe_broker.events("identity_changed"), what="identity_changed")
+    assert "handed to another process" in events[-1]["detail"], events
+
+
+@pytest.mark.xfail(strict=True, reason="the reader of a reply is invisible to the sender (docs/attacks.md, A2)")
+def test_a_reply_read_by_the_process_the_connection_was_handed_to_is_noticed(exe_broker: Any) -> None:
+    """The verified process itself sends hello+attach, then hands the socket
+    to another uid before reading the reply: that process gets the segment,
+    and nothing on the broker's side can tell who read it."""
+    import socket
+
+    from helpers import run_in_child
+
+    verified = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    verified.connect(exe_broker.socket)
+    verified.sendall(hello_attach("handed-late"))
+
+    def other() -> bool:
+        peer = RawPeer.adopt(verified)
+        peer.replies(timeout=1)
+        got = bool(peer.fds)
+        peer.close()
+        return got
+
+    got_fd = run_in_child(other, uid=NOBODY, gid=NOBODY)
+    verified.close()
+    assert not got_fd or exe_broker.events("identity_changed"), "another uid read the segment unnoticed"
 
 
 CONNECT_FORK_EXEC = r"""
@@ -209,7 +237,6 @@ os.execv(allowed, [allowed, "-c", "import time; time.sleep(10)"])
 """
 
 
-@pytest.mark.xfail(strict=True, reason="connect, fork, exec an allowed binary before the broker looks (docs/attacks.md, A2)")
 def test_connector_that_execs_an_allowed_binary_while_its_child_keeps_the_socket(
     exe_broker: Any, copied_python: Path, short_tmp: Path
 ) -> None:

@@ -10,6 +10,7 @@ import socket
 import stat
 
 from ..errors import BrokerAlreadyRunning, ConfigError
+from .._sys import fdpass
 from .._sys.peercred import peer_credentials
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class Listener:
             os.chmod(self.path, 0o660 if self.group is not None else 0o600)
             if self.group is not None:
                 os.chown(self.path, -1, self.group)
+            # Accepted sockets inherit it: each request says which process
+            # sent it, so a connection handed to another one is caught.
+            fdpass.pass_credentials(sock)
             sock.listen(LISTEN_BACKLOG)
         except BaseException:
             sock.close()
@@ -64,6 +68,7 @@ class Listener:
     def adopt(self, sock: socket.socket) -> socket.socket:
         """Use a socket handed over by systemd; it owns the path, we do not unlink it."""
         sock.setblocking(False)
+        fdpass.pass_credentials(sock)
         self.sock = sock
         return sock
 

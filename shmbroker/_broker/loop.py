@@ -581,13 +581,17 @@ class Broker:
 
     def _read(self, session: Session) -> None:
         try:
-            data, fds, flags = fdpass.recv_with_fds(session.sock, RECV_SIZE, socket.MSG_DONTWAIT)
+            data, fds, flags, sender = fdpass.recv_with_sender(session.sock, RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            data, fds, flags = b"", [], 0
+            data, fds, flags, sender = b"", [], 0, None
             if exc.errno != errno.ECONNRESET:
                 log.info("read from pid %d failed: %s", session.peer.identity.pid, exc.strerror)
+        if data and sender is not None and sender != session.peer.identity.pid:
+            fdpass.close_all(fds)
+            self._handed_over(session, sender)
+            return
         if fds or flags & socket.MSG_CTRUNC:
             fdpass.close_all(fds)
             self.events.count("fd_violations")
@@ -601,6 +605,24 @@ class Broker:
             return
         session.input = True
         self._settle(session)
+
+    def _handed_over(self, session: Session, sender: int) -> None:
+        """Another process wrote on a verified connection (SO_PASSCRED says
+        who sent each write): the socket was passed on (SCM_RIGHTS, or
+        inherited by a child).  Nothing it asks for is answered."""
+        identity = session.peer.identity
+        who = f"pid {sender}" if sender > 0 else "a process outside the broker's pid namespace"
+        self.events.record(
+            EventKind.IDENTITY_CHANGED,
+            f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
+            "the socket was handed to another process; the connection was closed",
+            pid=identity.pid, uid=identity.uid, channel=session.channel.name if session.channel else None,
+        )
+        self._fail(session, m.Error(
+            "permission_denied",
+            f"permission denied: this connection was verified for pid {identity.pid}, not for the process "
+            "writing on it; connect anew",
+        ))
 
     def _settle(self, session: Session) -> None:
         """Register the session for what it waits for, or queue its next request.

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from adversary import RawPeer, frames  # noqa: E402
+from adversary import RawPeer, churn_large_channels, frames, pipeline_refused_status  # noqa: E402
 from shmbroker import ShmClient, errors  # noqa: E402
 from shmbroker._bench.machine import describe  # noqa: E402
 from shmbroker._wire import messages as m  # noqa: E402
@@ -99,30 +99,7 @@ def _refused_flood(path: str) -> Callable[[], None]:
 
 
 def _refused_requests(path: str) -> Callable[[], None]:
-    def connection() -> None:
-        peer = RawPeer(path)
-        peer.send(frames(m.Hello()))
-        peer.reply()
-        burst = frames(*([m.StatusRequest()] * 64))
-        sock = peer.sock
-        sock.settimeout(5)
-        while True:
-            sock.sendall(burst)
-            got = 0
-            while got < 64:  # read the 64 refusals so the pipeline stays full
-                data = sock.recv(1 << 20)
-                if not data:
-                    return
-                got += data.count(b"permission denied")
-
-    def body() -> None:
-        threads = [threading.Thread(target=connection, daemon=True) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    return body
+    return lambda: pipeline_refused_status(path, connections=4, burst=64)
 
 
 def _cursor_pipeline(path: str) -> Callable[[], None]:
@@ -157,16 +134,7 @@ def _connect_churn(path: str) -> Callable[[], None]:
 
 
 def _big_channels(path: str) -> Callable[[], None]:
-    def body() -> None:
-        i = 0
-        while True:
-            i += 1
-            try:
-                ShmClient.attach(f"big{i % 3}", size=1 << 30, socket_path=path, timeout=30).close()
-            except errors.ShmBrokerError:
-                time.sleep(0.01)
-
-    return body
+    return lambda: churn_large_channels(path, size=1 << 30)
 
 
 SCENARIOS: dict[str, Callable[[str], Callable[[], None]]] = {

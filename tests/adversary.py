@@ -381,3 +381,45 @@ def capabilities(pid: int) -> int:
 
 
 CAP_SYS_PTRACE = 19
+
+
+# -- abusive peers, for the abuse tests and benchmarks/abuse_latency.py ------------
+def pipeline_refused_status(path: str, *, connections: int = 4, burst: int = 5000) -> None:
+    """Forever: ``connections`` sessions, each pipelining ``burst`` status
+    requests at a time (refused unless the caller may ask for status) and
+    reading the refusals, so its pipeline never stalls on itself."""
+    import threading
+
+    request = frames(*([m.StatusRequest()] * burst))
+
+    def connection() -> None:
+        peer = RawPeer(path)
+        peer.send(frames(m.Hello()))
+        peer.reply()
+        while True:
+            peer.sock.sendall(request)
+            got = 0
+            while got < burst:
+                data = peer.sock.recv(1 << 20)
+                if not data:
+                    return
+                got += data.count(b"permission denied")
+
+    threads = [threading.Thread(target=connection, daemon=True) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def churn_large_channels(path: str, *, size: int = 1 << 30) -> None:
+    """Forever: create a channel of ``size`` bytes and drop it again (reserve, then wipe)."""
+    from shmbroker import errors
+
+    i = 0
+    while True:
+        i += 1
+        try:
+            ShmClient.attach(f"big{i % 2}", size=size, socket_path=path, timeout=30).close()
+        except errors.ShmBrokerError:
+            time.sleep(0.01)

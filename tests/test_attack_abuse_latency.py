@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +26,9 @@ from typing import Any
 
 import pytest
 
-from adversary import RawPeer, frames, policy_toml, write_config
+from adversary import churn_large_channels, pipeline_refused_status, policy_toml, write_config
 from helpers import NOBODY
-from shmbroker import ShmClient, errors
-from shmbroker._wire import messages as m
+from shmbroker import ShmClient
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the abuser runs as another uid")
 
@@ -91,42 +89,11 @@ def _assert_not_stalled(broker: Any, body: Callable[[], None]) -> None:
 
 
 def test_refused_requests_pipelined_by_one_uid_do_not_slow_another_uid(broker_factory: Any, short_tmp: Path) -> None:
+    """Nobody may not ask for status: each of its pipelined requests is refused."""
     broker = _broker(broker_factory, short_tmp)
-    burst = frames(*([m.StatusRequest()] * BURST))  # nobody may not ask for status: each is refused
-
-    def connection() -> None:
-        peer = RawPeer(broker.socket)
-        peer.send(frames(m.Hello()))
-        peer.reply()
-        while True:
-            peer.sock.sendall(burst)
-            got = 0
-            while got < BURST:  # read the refusals, so the pipeline never stalls on us
-                data = peer.sock.recv(1 << 20)
-                if not data:
-                    return
-                got += data.count(b"permission denied")
-
-    def body() -> None:
-        threads = [threading.Thread(target=connection, daemon=True) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    _assert_not_stalled(broker, body)
+    _assert_not_stalled(broker, lambda: pipeline_refused_status(broker.socket, connections=4, burst=BURST))
 
 
 def test_creating_and_dropping_large_channels_does_not_stall_other_peers(broker_factory: Any, short_tmp: Path) -> None:
     broker = _broker(broker_factory, short_tmp)
-
-    def body() -> None:
-        i = 0
-        while True:
-            i += 1
-            try:
-                ShmClient.attach(f"big{i % 2}", size=1 << 30, socket_path=broker.socket, timeout=30).close()
-            except errors.ShmBrokerError:
-                time.sleep(0.01)
-
-    _assert_not_stalled(broker, body)
+    _assert_not_stalled(broker, lambda: churn_large_channels(broker.socket, size=1 << 30))

@@ -2,8 +2,9 @@
 
 Whoever owns (or may write) a directory above the broker's socket
 directory can rename that directory away while a real broker runs and put
-their own broker at the same path.  Clients therefore refuse to connect
-through such a directory, whoever listens at the end of it."""
+their own broker at the same path.  The broker therefore refuses to start
+under such a directory, and clients refuse to connect through one, whoever
+listens at the end of it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ from impostor import drop_to, recording_fake
 from shmbroker import ShmClient, errors
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as other uids")
+START_TIMEOUT = 15.0
+
+
+def serve_refusal(socket_path: Path) -> str:
+    """stderr of `shmbroker serve` refusing ``socket_path``; fails if it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmbroker", "serve", "--socket", str(socket_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"the broker started on {socket_path} under a directory another uid controls")
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    return err
 
 
 @pytest.fixture
@@ -48,6 +67,57 @@ def broker_at(short_tmp: Path) -> Iterator[Callable[[Path], BrokerProc]]:
             except subprocess.TimeoutExpired:
                 broker.proc.kill()
                 broker.proc.wait()
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("owner, mode, expect", [
+    (NOBODY, 0o755, f"belongs to uid {NOBODY} (nobody) (mode 0755)"),
+    (0, 0o777, "is writable by everyone and has no sticky bit (mode 0777"),
+    (0, 0o775, "is writable by group"),
+])
+def test_broker_refuses_a_socket_under_a_directory_others_control(short_tmp: Path, owner: int, mode: int, expect: str) -> None:
+    parent = short_tmp / "home"
+    parent.mkdir()
+    # The socket directory is root's already (left by an earlier run, or made
+    # by the operator): the broker's check of that last directory passes.
+    (parent / "run").mkdir(mode=0o700)
+    os.chown(parent, owner, NOBODY)
+    parent.chmod(mode)
+    err = serve_refusal(parent / "run" / "broker.sock")
+    assert f"refusing to serve on {parent}/run/broker.sock: {parent} {expect}" in err, err
+    assert "rename the socket directory away" in err
+    assert not (parent / "run" / "broker.sock").exists()
+
+
+@ROOT_ONLY
+def test_broker_serves_under_a_sticky_directory_like_tmp_but_not_a_plain_shared_one(
+    short_tmp: Path, broker_at: Callable[[Path], BrokerProc],
+) -> None:
+    """/tmp's rule: a world-writable directory is refused unless it is
+    sticky; then the broker's own directory in it is the broker's, and
+    others can neither rename nor remove it.  A directory someone else made
+    there under the broker's chosen name is refused as well."""
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    err = serve_refusal(shared / "mine" / "broker.sock")
+    assert f"{shared} is writable by everyone and has no sticky bit" in err
+    shared.chmod(0o1777)
+    squatted = shared / "squat"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            drop_to(NOBODY, NOBODY)
+            os.mkdir(squatted, 0o700)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    err = serve_refusal(squatted / "broker.sock")
+    assert f"socket directory {squatted} belongs to uid {NOBODY}" in err
+    b = broker_at(shared / "mine" / "broker.sock")
+    with ShmClient.attach("t", size=4096, socket_path=str(shared / "mine" / "broker.sock")) as att:
+        assert att.size == 4096
+    assert b.proc.poll() is None
 
 
 def _untrusted_parent_with_a_real_broker(short_tmp: Path, broker_at: Callable[[Path], BrokerProc]) -> tuple[Path, BrokerProc]:

@@ -71,7 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
     status = sub.add_parser("status", help="show channels, peers, counters and security events", description="Ask a running broker for its status.")
-    status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
+    status.add_argument("--socket", metavar="PATH", help="broker socket (default: [broker] socket of --config, else as for serve)")
+    status.add_argument(
+        "--config", metavar="FILE",
+        help="the broker's TOML config: its [broker] user and socket become the defaults for --broker-user and --socket",
+    )
+    status.add_argument(
+        "--broker-user", metavar="USER",
+        help="user name or uid the broker must run as (default: [broker] user of --config, else "
+        "$SHMBROKER_BROKER_USER, else your own uid, root or the shmbroker user)",
+    )
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
@@ -175,9 +184,23 @@ def _print_status(status: dict[str, Any]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import _trust
     from ._client import ShmClient
 
-    status = ShmClient.status(socket_path=args.socket, timeout=args.timeout)
+    socket_path = args.socket
+    broker_user: int | None = None
+    if args.config:
+        from ._broker.config import load_config
+
+        config = load_config(args.config)
+        socket_path = socket_path or config.socket_path
+        broker_user = config.broker_user
+    if args.broker_user is not None:
+        try:
+            broker_user = _trust.parse_user(args.broker_user)
+        except ValueError as exc:
+            raise errors.ConfigError(f"--broker-user {args.broker_user}: {exc}") from None
+    status = ShmClient.status(socket_path=socket_path, timeout=args.timeout, broker_uid=broker_user)
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True)
         print()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,37 @@ def test_a_broker_of_another_uid_is_accepted_only_when_expected(nobody_broker: s
         ShmClient.status(socket_path=path, broker_uid="no-such-user-xyz")
 
 
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    run_env = {k: v for k, v in os.environ.items() if k != "SHMBROKER_BROKER_USER"}
+    return subprocess.run(
+        [sys.executable, "-m", "shmbroker", *args], capture_output=True, text=True, timeout=60, env={**run_env, **(env or {})},
+    )
+
+
+@ROOT_ONLY
+def test_status_cli_checks_the_broker_user(nobody_broker: str, short_tmp: Path) -> None:
+    path = nobody_broker
+    refused = _cli("status", "--socket", path)
+    assert refused.returncode == 1, refused.stdout
+    assert "refusing to connect" in refused.stderr and f"uid {NOBODY}" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    told = _cli("status", "--socket", path, "--broker-user", "nobody")
+    assert told.returncode == 0, told.stderr
+    assert f"uid {NOBODY}" in told.stdout
+    assert _cli("status", "--socket", path, env={"SHMBROKER_BROKER_USER": str(NOBODY)}).returncode == 0
+    config = write_config(
+        short_tmp, f'[broker]\nuser = "nobody"\nsocket = "{path}"\n' + policy_toml(uids=(0,), executables=None),
+        name="status.toml",
+    )
+    from_config = _cli("status", "--config", config)
+    assert from_config.returncode == 0, from_config.stderr
+    wrong = _cli("status", "--socket", path, "--broker-user", str(OTHER_UID))
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    unknown = _cli("status", "--socket", path, "--broker-user", "no-such-user-xyz")
+    assert unknown.returncode == 2 and "--broker-user no-such-user-xyz: no such user" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
 @ROOT_ONLY
 def test_a_client_told_the_brokers_user_refuses_even_its_own_uid(evil_dir: Path) -> None:
     """An explicit expectation replaces the default set: a client told (by
@@ -190,3 +223,21 @@ def test_a_client_told_the_brokers_user_refuses_even_its_own_uid(evil_dir: Path)
         got = fake.stop()
     assert got.bytes == 0 and got.connections == 1, got
     assert kind == "UntrustedBroker" and f"runs as uid {NOBODY}" in message, message
+
+
+@ROOT_ONLY
+def test_serve_refuses_to_run_as_another_user_than_its_config_names(short_tmp: Path) -> None:
+    config = write_config(short_tmp, '[broker]\nuser = "nobody"\n' + policy_toml(uids=(0,), executables=None))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmbroker", "serve", "--config", config, "--socket", str(short_tmp / "s" / "b.sock")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the broker started as root although its config says it runs as nobody")
+    assert proc.returncode == 2, err
+    assert f"{config}: broker.user: this broker runs as uid 0 (root)" in err and f"{NOBODY} (nobody)" in err
+    assert "Traceback" not in err

@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
+from .. import _trust
 from ..errors import ConfigError
 from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
@@ -68,6 +69,9 @@ class BrokerConfig:
     socket_path: str | None = None
     socket_group: int | None = None
     source: str | None = None
+    # [broker] user: the only uid this broker may run as, and the one clients
+    # reading this file (`shmbroker status --config`) accept as their broker.
+    broker_user: int | None = None
 
 
 def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConfig:
@@ -85,6 +89,21 @@ def load_config(path: str) -> BrokerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return _Parser(path).parse(data)
+
+
+def check_broker_user(config: BrokerConfig) -> None:
+    """Refuse to serve as another uid than ``[broker] user`` names: clients
+    told to expect that user would refuse this broker anyway, and a broker
+    started by the wrong account is a mistake worth stopping at once."""
+    expected = config.broker_user
+    euid = os.geteuid()
+    if expected is None or expected == euid:
+        return
+    raise ConfigError(
+        f"{config.source}: broker.user: this broker runs as uid {_trust.user_label(euid)}, but the config "
+        f"says the broker is uid {_trust.user_label(expected)}; start it as that user (e.g. User= in its "
+        "systemd unit), or change broker.user"
+    )
 
 
 class _Parser:
@@ -107,12 +126,14 @@ class _Parser:
         unknown = sorted(set(data) - {"broker", "status", "limits", "channels", "rules"})
         if unknown:
             raise self.fail(unknown[0], "unknown section (known: broker, status, limits, channels, rules)")
-        broker = self.table(data, "broker", {"socket", "socket_group"})
+        broker = self.table(data, "broker", {"socket", "socket_group", "user"})
         socket_path = broker.get("socket")
         if socket_path is not None and (not isinstance(socket_path, str) or not os.path.isabs(socket_path)):
             raise self.fail("broker.socket", "must be an absolute path")
         group = broker.get("socket_group")
         socket_group = None if group is None else self.gid(group, "broker.socket_group")
+        user = broker.get("user")
+        broker_user = None if user is None else self.uid(self._numeric(user), "broker.user")
 
         try:
             limits = Limits.from_mapping(self.table(data, "limits", set()))
@@ -133,6 +154,7 @@ class _Parser:
             socket_path=socket_path,
             socket_group=socket_group,
             source=self.path,
+            broker_user=broker_user,
         )
 
     def channels(self, table: dict[str, Any], limits: Limits) -> dict[str, ChannelSpec]:
@@ -234,6 +256,11 @@ class _Parser:
         if not all(isinstance(v, str) and v for v in items):
             raise self.fail(key, "must be an array of non-empty strings")
         return items
+
+    @staticmethod
+    def _numeric(value: Any) -> Any:
+        """``user = "998"`` means uid 998, as SHMBROKER_BROKER_USER=998 does."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     def uid(self, value: Any, key: str) -> int:
         return self._id(value, key, lambda n: pwd.getpwnam(n).pw_uid, "user")

@@ -40,7 +40,7 @@ from ..errors import (
 )
 from . import auth
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
-from .config import BrokerConfig, ChannelSpec
+from .config import BrokerConfig, ChannelSpec, check_broker_user
 from .events import EventLog
 from .listener import Listener
 from .segments import Segment
@@ -119,6 +119,7 @@ class Broker:
         on_ready: Callable[[Broker], None] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
+        check_broker_user(config)
         self.config = config
         self.policy = config.policy
         self.limits = config.limits

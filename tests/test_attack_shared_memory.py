@@ -174,16 +174,24 @@ def test_client_refuses_an_unsealed_memfd() -> None:
 
 
 # -- /proc/PID/fd ------------------------------------------------------------
-def _segment_fd(broker: Any) -> int:
-    fds = []
-    for fd in os.listdir(f"/proc/{broker.pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{broker.pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if "shmbroker" in target and ("/dev/shm/" in target or "memfd:" in target):
-            fds.append(int(fd))
-    # memfd segments also hold a read-only twin for consumers, opened second.
+def _segment_fd(broker: Any, timeout: float = 2.0) -> int:
+    # The broker closes its copy of a reply's fd just after sendmsg(2)
+    # returns, which can be after the client already received it and moved
+    # on: wait for that copy to go before counting.
+    deadline = time.monotonic() + timeout
+    while True:
+        fds = []
+        for fd in os.listdir(f"/proc/{broker.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{broker.pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if "shmbroker" in target and ("/dev/shm/" in target or "memfd:" in target):
+                fds.append(int(fd))
+        # memfd segments also hold a read-only twin for consumers, opened second.
+        if 1 <= len(fds) <= 2 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     assert 1 <= len(fds) <= 2, fds
     return min(fds)
 

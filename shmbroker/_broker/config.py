@@ -3,15 +3,21 @@
 Every problem is reported as ``FILE: KEY: REASON`` and refuses the start: a
 broker that guesses what a typo meant could end up more permissive than its
 operator intended.
+
+The file itself must be one nobody but root and the broker's uid can change
+(like sshd's StrictModes and sudo's sudoers check): whoever can write the
+policy admits themselves at the next restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import grp
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -80,15 +86,62 @@ def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConf
 
 def load_config(path: str) -> BrokerConfig:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_trusted(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return _Parser(path).parse(data)
+
+
+def _read_trusted(path: str) -> bytes:
+    """The file's bytes, if only root and this process's euid can change it.
+
+    The directories are checked along the resolved path (see _trust for
+    symlinks); the file itself through the fd we read from, so it cannot be
+    swapped between the check and the read.
+    """
+    trusted = {_trust.ROOT, os.geteuid()}
+    resolved = _trust.resolve(path)
+
+    def refuse(reason: str) -> ConfigError:
+        # FILE: REASON with the file as given; the reason says where it really is.
+        via = "" if resolved == os.path.abspath(path) else f"it resolves to {resolved}, and "
+        return ConfigError(f"{path}: {via}{reason}")
+
+    try:
+        _trust.check_directories(os.path.dirname(resolved), trusted)
+    except _trust.UnsafePath as exc:
+        who = f"uid {exc.uid}" if exc.foreign_owner else "others"
+        raise refuse(
+            f"directory {exc.message}, so {who} could replace the config file and admit themselves at the next "
+            f"restart; run `{exc.fix}`, or keep the config in a directory only root can write (e.g. /etc/shmbroker)"
+        ) from None
+    # O_NOFOLLOW: the resolved name is no symlink unless one was swapped in
+    # since; O_NONBLOCK: a FIFO put there cannot hang the start.
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refuse("the file was replaced by a symbolic link while it was being opened") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("not a regular file")
+        try:
+            _trust.check_entry(resolved, st, trusted)
+        except _trust.UnsafePath as exc:
+            risk = f"so uid {exc.uid} could rewrite the policy" if exc.foreign_owner else "so others could add a rule"
+            raise refuse(
+                f"the config file {exc.message.removeprefix(resolved + ' ')}, {risk} and be admitted at the next "
+                f"restart; run `{exc.fix}`"
+            ) from None
+        return f.read()
 
 
 def check_broker_user(config: BrokerConfig) -> None:

@@ -17,8 +17,15 @@ log = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
-  shmbroker serve --socket /tmp/shm-demo/broker.sock --channel frames:16MiB
-  shmbroker status --socket /tmp/shm-demo/broker.sock
+  shmbroker serve --socket ~/.shm-demo/broker.sock --channel frames:16MiB
+  shmbroker status --socket ~/.shm-demo/broker.sock
+  shmbroker status --broker-user shmbroker      # a system broker run as user shmbroker
+
+Put the socket in a directory only you (or root) can write, such as
+$XDG_RUNTIME_DIR or your home: anywhere others can write (a fixed name in
+/tmp), another user could run a broker there first.  Clients talk only to a
+broker running as their own uid, root or the shmbroker user; --broker-user,
+SHMBROKER_BROKER_USER or `[broker] user` in --config names another one.
 
 Without --config only processes of the broker's own uid, running the broker's
 own executable, may attach; producers may create channels on demand.

@@ -80,6 +80,10 @@ def _trusted_socket_path(path: str, broker_uids: frozenset[int]) -> str:
         raise _no_broker(path) from None
     except PermissionError:
         raise _not_admitted(path) from None
+    except OSError as exc:
+        raise errors.BrokerUnavailable(
+            f"cannot check the socket path {path}: {exc.filename}: {exc.strerror}; try again"
+        ) from None
     except _trust.UnsafePath as exc:
         resolved = _trust.resolve(path)
         where = path if resolved == os.path.abspath(path) else f"{path} (resolved: {resolved})"

@@ -33,12 +33,15 @@ enough (whoever owns the directory holding it can retarget it after the
 check), and following the original path after checking the resolved one
 would re-resolve links an attacker may have changed in between.  The
 resolved chain cannot change under us except by a trusted uid: that is
-exactly the property checked.  A symlink that shows up in the resolved chain
-(swapped in after realpath) is refused as "not a directory".
+exactly the property checked.  A component that is no longer a directory, or a
+final entry that became a symlink, means the path changed after it was
+resolved: that raises OSError (ENOTDIR, ELOOP) rather than UnsafePath, since
+only a trusted uid could have changed it, and trying again is the remedy.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import grp
 import os
@@ -204,17 +207,13 @@ def check_directories(directory: str, trusted: Collection[int]) -> None:
     """Check every directory from ``/`` down to ``directory`` (absolute and
     already resolved) with lstat.
 
-    Raises :class:`UnsafePath`, or the OSError of a missing or unreadable
-    component (FileNotFoundError, PermissionError).
+    Raises :class:`UnsafePath`, or the OSError of a missing, unreadable or
+    changed component (FileNotFoundError, PermissionError, NotADirectoryError).
     """
     for component in _chain(directory):
         st = os.lstat(component)
         if not stat.S_ISDIR(st.st_mode):
-            raise UnsafePath(
-                component, st,
-                f"{component} is not a directory (it changed after the path was resolved)",
-                f"ls -ld {shlex.quote(component)}", foreign_owner=False,
-            )
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), component)
         check_entry(component, st, trusted)
 
 
@@ -223,6 +222,8 @@ def check_path(resolved: str, trusted: Collection[int]) -> os.stat_result:
     object itself; return the object's lstat."""
     check_directories(os.path.dirname(resolved), trusted)
     st = os.lstat(resolved)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "became a symbolic link while it was being checked", resolved)
     check_entry(resolved, st, trusted)
     return st
 

@@ -224,3 +224,24 @@ def test_a_symlink_on_the_socket_path_is_judged_by_where_it_leads(
     with ShmClient.attach("t", "producer", size=4096, socket_path=str(evil / "to-real" / "broker.sock")) as att:
         assert att.size == 4096
     assert real.status()["counters"]["attaches"] == 1
+
+
+def test_a_path_through_a_file_gives_clean_errors_not_tracebacks(short_tmp: Path) -> None:
+    """A component that is not a directory (what a path swapped while it is
+    being checked looks like, too) is a plain error for the client, the
+    broker and the config loader, never an OSError traceback."""
+    plain = short_tmp / "plain"
+    plain.write_text("not a directory\n")
+    with pytest.raises(errors.BrokerUnavailable):
+        ShmClient.status(socket_path=str(plain / "broker.sock"))
+    serve = subprocess.run(
+        [sys.executable, "-m", "shmbroker", "serve", "--socket", str(plain / "run" / "broker.sock")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert serve.returncode == 2 and f"{plain}: Not a directory" in serve.stderr, serve.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "shmbroker", "status", "--config", str(plain / "broker.toml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert status.returncode == 2 and f"{plain}/broker.toml: cannot read the config file" in status.stderr
+    assert "Traceback" not in serve.stderr + status.stderr

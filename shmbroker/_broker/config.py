@@ -91,6 +91,8 @@ def load_config(path: str) -> BrokerConfig:
         raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.filename}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:

@@ -82,12 +82,14 @@ class Listener:
         euid = os.geteuid()
         try:
             _trust.check_directories(parent, {_trust.ROOT, euid})
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise ConfigError(
                 f"cannot create socket directory {self.directory}: its parent does not exist"
             ) from None
-        except PermissionError:
-            raise ConfigError(f"cannot check the directories above {self.directory}: permission denied") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot check the directories above {self.directory}: {exc.filename}: {exc.strerror}"
+            ) from None
         except _trust.UnsafePath as exc:
             who = f"uid {exc.uid}" if exc.foreign_owner else "others"
             writers = "root" if euid == _trust.ROOT else f"root or uid {euid}"

@@ -11,7 +11,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from . import errors
+from . import _trust, errors
 from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
 from ._ring.client import CursorFetcher, RingPages, take_ring_fds
@@ -19,6 +19,7 @@ from ._ring.endpoint import Receiver, RingMethods, Sender
 from ._ring.layout import resolve_max_message
 from ._sys import fdpass, memfd, sigbus
 from ._sys.mapping import Mapping
+from ._sys.peercred import peer_credentials
 from ._wire import messages as m
 from ._wire.connection import CLOSED, NEED_DATA, Connection, Side
 
@@ -44,34 +45,107 @@ _ERRORS: dict[str, type[errors.ShmBrokerError]] = {
 }
 
 
-class _Link:
-    """One connection to the broker, with a deadline on every blocking step."""
+def _no_broker(path: str) -> errors.BrokerUnavailable:
+    return errors.BrokerUnavailable(
+        f"no broker is listening on {path}; start one with `shmbroker serve` "
+        "or pass the socket path of a running broker"
+    )
 
-    def __init__(self, path: str, timeout: float) -> None:
+
+def _not_admitted(path: str) -> errors.PermissionDenied:
+    return errors.PermissionDenied(
+        f"permission denied connecting to {path}: the broker's socket directory does not admit "
+        "this user (ask its operator for the socket group)"
+    )
+
+
+def _trusted_socket_path(path: str, broker_uids: frozenset[int]) -> str:
+    """Resolve ``path`` and check that nobody but root, this process's uid and
+    the uids it accepts as broker could have put what listens there; return
+    the resolved path, which is what we connect to (see _trust for why)."""
+    # Our own uid is trusted for the path even under an explicit broker_uid:
+    # a process of our uid can take this one over by ptrace anyway.
+    trusted = broker_uids | {_trust.ROOT, os.geteuid()}
+    if path.startswith("\0"):
+        # No directory guards an abstract name: whoever binds it first owns it.
+        raise errors.UntrustedBroker(
+            f"refusing to connect to the abstract socket {path[1:]!r}: any process can take an abstract "
+            "name first, so it cannot be trusted; pass the path of the broker's socket file"
+        )
+    try:
+        return _trust.resolve_and_check(path, trusted)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _no_broker(path) from None
+    except PermissionError:
+        raise _not_admitted(path) from None
+    except OSError as exc:
+        raise errors.BrokerUnavailable(
+            f"cannot check the socket path {path}: {exc.filename}: {exc.strerror}; try again"
+        ) from None
+    except _trust.UnsafePath as exc:
+        resolved = _trust.resolve(path)
+        where = path if resolved == os.path.abspath(path) else f"{path} (resolved: {resolved})"
+        if exc.foreign_owner:
+            risk = f"so uid {exc.uid} could put its own broker at this path"
+            advice = (
+                "Put the socket in a directory only you or root can write (e.g. $XDG_RUNTIME_DIR/shmbroker), "
+                f"or, if uid {exc.uid} runs this broker legitimately, pass broker_uid={exc.uid} or set "
+                f"{_trust.BROKER_USER_ENV}={exc.uid}"
+            )
+        else:
+            risk = "so others could put their own broker at this path"
+            advice = (
+                f"Have its owner run `{exc.fix}`, or put the socket in a directory only you or root can write "
+                "(e.g. $XDG_RUNTIME_DIR/shmbroker)"
+            )
+        raise errors.UntrustedBroker(
+            f"refusing to connect to {where}: {exc.message}, {risk}; nothing was sent. {advice}."
+        ) from None
+
+
+class _Link:
+    """One connection to the broker, with a deadline on every blocking step.
+
+    Mutual authentication: before a single byte goes out, the socket path
+    and the uid of the process listening on it (SO_PEERCRED, recorded by the
+    kernel when the broker called listen()) must both be trusted, so a
+    broker run by someone else never sees a producer's request, and a
+    consumer never maps memory an impostor prepared.
+    """
+
+    def __init__(self, path: str, timeout: float, broker_uids: frozenset[int]) -> None:
         self.path = path
         self.deadline = time.monotonic() + timeout
         self.fds: list[int] = []
         self.conn = Connection(Side.CLIENT, max_frame_size=MAX_REPLY_FRAME)
+        target = _trusted_socket_path(path, broker_uids)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._connect()
+            self._connect(target)
+            self._check_peer(broker_uids)
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
-            raise errors.BrokerUnavailable(
-                f"no broker is listening on {path}; start one with `shmbroker serve` "
-                "or pass the socket path of a running broker"
-            ) from None
+            raise _no_broker(path) from None
         except PermissionError:
             self.sock.close()
-            raise errors.PermissionDenied(
-                f"permission denied connecting to {path}: the broker's socket directory does not admit "
-                "this user (ask its operator for the socket group)"
-            ) from None
+            raise _not_admitted(path) from None
         except BaseException:
             self.sock.close()
             raise
 
-    def _connect(self) -> None:
+    def _check_peer(self, broker_uids: frozenset[int]) -> None:
+        pid, uid, _ = peer_credentials(self.sock)
+        if uid in broker_uids:
+            return
+        env_value = _trust.user_name(uid) or str(uid)
+        raise errors.UntrustedBroker(
+            f"refusing to talk to the broker at {self.path}: it runs as uid {_trust.user_label(uid)} (pid {pid}), "
+            f"but this client accepts only uids {_trust.uids_label(broker_uids)} as its broker, so it may be an "
+            f"impostor; nothing was sent. If this broker is legitimate, pass broker_uid={uid} or set "
+            f"{_trust.BROKER_USER_ENV}={env_value}."
+        )
+
+    def _connect(self, target: str) -> None:
         # A blocking connect() with SO_SNDTIMEO, not Python's timeout mode:
         # while the broker's listen backlog is full, a blocking AF_UNIX
         # connect waits in the kernel's queue of connectors and is woken, one
@@ -87,7 +161,7 @@ class _Link:
             socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, int((remaining - seconds) * 1e6))
         )
         try:
-            self.sock.connect(self.path)
+            self.sock.connect(target)
         except (BlockingIOError, InterruptedError):
             raise errors.Timeout(
                 f"the broker at {self.path} is not accepting connections (its listen backlog is "
@@ -177,6 +251,13 @@ def _resolve_path(socket_path: str | os.PathLike[str] | None) -> str:
         return default_socket_path()
     except errors.ConfigError as exc:
         raise errors.BrokerUnavailable(str(exc)) from None
+
+
+def _broker_uids(broker_uid: int | str | None) -> frozenset[int]:
+    try:
+        return _trust.broker_uids(broker_uid)
+    except ValueError as exc:
+        raise ValueError(f"broker_uid={broker_uid!r}: {exc}; pass the broker's uid or user name") from None
 
 
 class Attachment(RingMethods):
@@ -317,6 +398,7 @@ class ShmClient:
         max_message: int | None = None,
         timeout: float = 5.0,
         harden: bool = False,
+        broker_uid: int | str | None = None,
     ) -> Attachment:
         """Attach to ``channel`` as ``"producer"`` or ``"consumer"``.
 
@@ -331,6 +413,15 @@ class ShmClient:
         dumps (see :mod:`shmbroker.hardening`; capabilities are left alone).
         A non-dumpable process hides its /proc/PID/exe, so only a broker
         holding CAP_SYS_PTRACE can verify it; any other broker rejects it.
+
+        Before sending anything, the client checks who the broker is: the
+        process listening on the socket must run as a trusted uid, and every
+        directory on the socket path must be owned by root or a trusted uid
+        and not writable by others (else :class:`~shmbroker.errors.UntrustedBroker`).
+        Trusted by default: this process's euid, root, and the ``shmbroker``
+        system user if it exists.  ``broker_uid=`` (a uid or user name), or
+        else the ``SHMBROKER_BROKER_USER`` environment variable, replaces
+        that with exactly that uid and root.
         """
         if role not in m.ROLES:
             raise ValueError(f"role must be 'producer' or 'consumer', not {role!r}")
@@ -348,11 +439,12 @@ class ShmClient:
                 resolve_max_message(size, max_message)
             except ValueError as exc:
                 raise ValueError(f"cannot create ring channel {channel!r}: {exc}") from None
+        uids = _broker_uids(broker_uid)
         if harden:
             from .hardening import harden_process
 
             harden_process(drop_capabilities=False)
-        link = _Link(_resolve_path(socket_path), timeout)
+        link = _Link(_resolve_path(socket_path), timeout, uids)
         ring_fds: list[int] = []
         pages: RingPages | None = None
         try:
@@ -379,9 +471,15 @@ class ShmClient:
             raise
 
     @classmethod
-    def status(cls, *, socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
-        """The broker's status: channels, attached peers, counters, security events."""
-        link = _Link(_resolve_path(socket_path), timeout)
+    def status(
+        cls, *, socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0,
+        broker_uid: int | str | None = None,
+    ) -> dict[str, Any]:
+        """The broker's status: channels, attached peers, counters, security events.
+
+        ``broker_uid`` as for :meth:`attach`.
+        """
+        link = _Link(_resolve_path(socket_path), timeout, _broker_uids(broker_uid))
         try:
             link.send(m.Hello(), m.StatusRequest())
             link.receive()

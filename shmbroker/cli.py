@@ -17,8 +17,15 @@ log = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
-  shmbroker serve --socket /tmp/shm-demo/broker.sock --channel frames:16MiB
-  shmbroker status --socket /tmp/shm-demo/broker.sock
+  shmbroker serve --socket ~/.shm-demo/broker.sock --channel frames:16MiB
+  shmbroker status --socket ~/.shm-demo/broker.sock
+  shmbroker status --broker-user shmbroker      # a system broker run as user shmbroker
+
+Put the socket in a directory only you (or root) can write, such as
+$XDG_RUNTIME_DIR or your home: anywhere others can write (a fixed name in
+/tmp), another user could run a broker there first.  Clients talk only to a
+broker running as their own uid, root or the shmbroker user; --broker-user,
+SHMBROKER_BROKER_USER or `[broker] user` in --config names another one.
 
 Without --config only processes of the broker's own uid, running the broker's
 own executable, may attach; producers may create channels on demand.
@@ -71,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
     status = sub.add_parser("status", help="show channels, peers, counters and security events", description="Ask a running broker for its status.")
-    status.add_argument("--socket", metavar="PATH", help="broker socket (default as for serve)")
+    status.add_argument("--socket", metavar="PATH", help="broker socket (default: [broker] socket of --config, else as for serve)")
+    status.add_argument(
+        "--config", metavar="FILE",
+        help="the broker's TOML config: its [broker] user and socket become the defaults for --broker-user and --socket",
+    )
+    status.add_argument(
+        "--broker-user", metavar="USER",
+        help="user name or uid the broker must run as (default: [broker] user of --config, else "
+        "$SHMBROKER_BROKER_USER, else your own uid, root or the shmbroker user)",
+    )
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
@@ -175,9 +191,23 @@ def _print_status(status: dict[str, Any]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import _trust
     from ._client import ShmClient
 
-    status = ShmClient.status(socket_path=args.socket, timeout=args.timeout)
+    socket_path = args.socket
+    broker_user: int | None = None
+    if args.config:
+        from ._broker.config import load_config
+
+        config = load_config(args.config)
+        socket_path = socket_path or config.socket_path
+        broker_user = config.broker_user
+    if args.broker_user is not None:
+        try:
+            broker_user = _trust.parse_user(args.broker_user)
+        except ValueError as exc:
+            raise errors.ConfigError(f"--broker-user {args.broker_user}: {exc}") from None
+    status = ShmClient.status(socket_path=socket_path, timeout=args.timeout, broker_uid=broker_user)
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True)
         print()

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ShmBrokerError",
     "BrokerUnavailable",
+    "UntrustedBroker",
     "BrokerAlreadyRunning",
     "ConfigError",
     "ProtocolError",
@@ -31,6 +32,16 @@ class ShmBrokerError(Exception):
 
 class BrokerUnavailable(ShmBrokerError, ConnectionError):
     """The broker could not be reached, or went away mid-conversation."""
+
+
+class UntrustedBroker(ShmBrokerError):
+    """The process listening on the socket path, or a directory on that path,
+    belongs to a uid this client does not trust to be its broker.
+
+    Raised before the client sends a single byte.  The message names the path
+    and the uid found; if that broker is legitimate, pass ``broker_uid=`` or set
+    ``SHMBROKER_BROKER_USER``.
+    """
 
 
 class BrokerAlreadyRunning(ShmBrokerError):

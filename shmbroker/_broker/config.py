@@ -3,19 +3,26 @@
 Every problem is reported as ``FILE: KEY: REASON`` and refuses the start: a
 broker that guesses what a typo meant could end up more permissive than its
 operator intended.
+
+The file itself must be one nobody but root and the broker's uid can change
+(like sshd's StrictModes and sudo's sudoers check): whoever can write the
+policy admits themselves at the next restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import grp
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
+from .. import _trust
 from ..errors import ConfigError
 from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
@@ -68,6 +75,9 @@ class BrokerConfig:
     socket_path: str | None = None
     socket_group: int | None = None
     source: str | None = None
+    # [broker] user: the only uid this broker may run as, and the one clients
+    # reading this file (`shmbroker status --config`) accept as their broker.
+    broker_user: int | None = None
 
 
 def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConfig:
@@ -76,15 +86,79 @@ def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConf
 
 def load_config(path: str) -> BrokerConfig:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_trusted(path).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.filename}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return _Parser(path).parse(data)
+
+
+def _read_trusted(path: str) -> bytes:
+    """The file's bytes, if only root and this process's euid can change it.
+
+    The directories are checked along the resolved path (see _trust for
+    symlinks); the file itself through the fd we read from, so it cannot be
+    swapped between the check and the read.
+    """
+    trusted = {_trust.ROOT, os.geteuid()}
+    resolved = _trust.resolve(path)
+
+    def refuse(reason: str) -> ConfigError:
+        # FILE: REASON with the file as given; the reason says where it really is.
+        via = "" if resolved == os.path.abspath(path) else f"it resolves to {resolved}, and "
+        return ConfigError(f"{path}: {via}{reason}")
+
+    try:
+        _trust.check_directories(os.path.dirname(resolved), trusted)
+    except _trust.UnsafePath as exc:
+        who = f"uid {exc.uid}" if exc.foreign_owner else "others"
+        raise refuse(
+            f"directory {exc.message}, so {who} could replace the config file and admit themselves at the next "
+            f"restart; run `{exc.fix}`, or keep the config in a directory only root can write (e.g. /etc/shmbroker)"
+        ) from None
+    # O_NOFOLLOW: the resolved name is no symlink unless one was swapped in
+    # since; O_NONBLOCK: a FIFO put there cannot hang the start.
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refuse("the file was replaced by a symbolic link while it was being opened") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("not a regular file")
+        try:
+            _trust.check_entry(resolved, st, trusted)
+        except _trust.UnsafePath as exc:
+            risk = f"so uid {exc.uid} could rewrite the policy" if exc.foreign_owner else "so others could add a rule"
+            raise refuse(
+                f"the config file {exc.message.removeprefix(resolved + ' ')}, {risk} and be admitted at the next "
+                f"restart; run `{exc.fix}`"
+            ) from None
+        return f.read()
+
+
+def check_broker_user(config: BrokerConfig) -> None:
+    """Refuse to serve as another uid than ``[broker] user`` names: clients
+    told to expect that user would refuse this broker anyway, and a broker
+    started by the wrong account is a mistake worth stopping at once."""
+    expected = config.broker_user
+    euid = os.geteuid()
+    if expected is None or expected == euid:
+        return
+    raise ConfigError(
+        f"{config.source}: broker.user: this broker runs as uid {_trust.user_label(euid)}, but the config "
+        f"says the broker is uid {_trust.user_label(expected)}; start it as that user (e.g. User= in its "
+        "systemd unit), or change broker.user"
+    )
 
 
 class _Parser:
@@ -107,12 +181,14 @@ class _Parser:
         unknown = sorted(set(data) - {"broker", "status", "limits", "channels", "rules"})
         if unknown:
             raise self.fail(unknown[0], "unknown section (known: broker, status, limits, channels, rules)")
-        broker = self.table(data, "broker", {"socket", "socket_group"})
+        broker = self.table(data, "broker", {"socket", "socket_group", "user"})
         socket_path = broker.get("socket")
         if socket_path is not None and (not isinstance(socket_path, str) or not os.path.isabs(socket_path)):
             raise self.fail("broker.socket", "must be an absolute path")
         group = broker.get("socket_group")
         socket_group = None if group is None else self.gid(group, "broker.socket_group")
+        user = broker.get("user")
+        broker_user = None if user is None else self.uid(self._numeric(user), "broker.user")
 
         try:
             limits = Limits.from_mapping(self.table(data, "limits", set()))
@@ -133,6 +209,7 @@ class _Parser:
             socket_path=socket_path,
             socket_group=socket_group,
             source=self.path,
+            broker_user=broker_user,
         )
 
     def channels(self, table: dict[str, Any], limits: Limits) -> dict[str, ChannelSpec]:
@@ -234,6 +311,11 @@ class _Parser:
         if not all(isinstance(v, str) and v for v in items):
             raise self.fail(key, "must be an array of non-empty strings")
         return items
+
+    @staticmethod
+    def _numeric(value: Any) -> Any:
+        """``user = "998"`` means uid 998, as SHMBROKER_BROKER_USER=998 does."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     def uid(self, value: Any, key: str) -> int:
         return self._id(value, key, lambda n: pwd.getpwnam(n).pw_uid, "user")

@@ -1,4 +1,5 @@
-"""The listening socket: a private directory, one broker per path, no stale files."""
+"""The listening socket: a private directory under trusted ones, one broker
+per path, no stale files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import socket
 import stat
 
+from .. import _trust
 from ..errors import BrokerAlreadyRunning, ConfigError
 from .._sys import fdpass
 from .._sys.peercred import peer_credentials
@@ -28,8 +30,15 @@ class Listener:
     """Owns the socket directory lock, the socket file and the listening socket."""
 
     def __init__(self, path: str, group: int | None = None) -> None:
-        self.path = os.path.abspath(path)
-        self.directory = os.path.dirname(self.path)
+        given = os.path.abspath(path)
+        # Resolve the symlinks above the socket directory once and use the
+        # result for every later step, so the chain checked at open() is the
+        # chain we bind, lock and unlink in (a link retargeted after the check
+        # cannot move us).  The socket directory itself is not resolved: a
+        # symlink there is refused below, as before.
+        directory = os.path.dirname(given)
+        self.directory = os.path.join(_trust.resolve(os.path.dirname(directory)), os.path.basename(directory))
+        self.path = os.path.join(self.directory, os.path.basename(given))
         self.group = group
         self.sock: socket.socket | None = None
         self._dir_fd = -1
@@ -72,8 +81,37 @@ class Listener:
         self.sock = sock
         return sock
 
+    def _check_ancestors(self) -> None:
+        """Whoever can write a directory above ours can rename ours away and
+        put their own broker at our path while we run; refuse to start under
+        any directory not owned by root or us, or writable by others (a
+        sticky one like /tmp is fine: our directory in it is checked to be
+        ours in _prepare_directory)."""
+        parent = os.path.dirname(self.directory)
+        euid = os.geteuid()
+        try:
+            _trust.check_directories(parent, {_trust.ROOT, euid})
+        except FileNotFoundError:
+            raise ConfigError(
+                f"cannot create socket directory {self.directory}: its parent does not exist"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot check the directories above {self.directory}: {exc.filename}: {exc.strerror}"
+            ) from None
+        except _trust.UnsafePath as exc:
+            who = f"uid {exc.uid}" if exc.foreign_owner else "others"
+            writers = "root" if euid == _trust.ROOT else f"root or uid {euid}"
+            raise ConfigError(
+                f"refusing to serve on {self.path}: {exc.message}, so {who} could rename the socket directory "
+                f"away and put another broker at this path. Pick a --socket under directories only {writers} "
+                "can write (e.g. $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root), "
+                f"or run `{exc.fix}`"
+            ) from None
+
     def _prepare_directory(self) -> None:
         mode = 0o750 if self.group is not None else 0o700
+        self._check_ancestors()
         try:
             os.mkdir(self.directory, mode)
             self._created_dir = True

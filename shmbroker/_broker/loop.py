@@ -61,11 +61,11 @@ from ..errors import (
 )
 from . import auth
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
-from .config import BrokerConfig, ChannelSpec
+from .config import BrokerConfig, ChannelSpec, check_broker_user
 from .events import EventKind, EventLog
-from .policy import Identity
 from .listener import LISTEN_BACKLOG, Listener
 from .outbox import Outbox, duplicate
+from .policy import Identity
 from .quota import Charge, Ledger, Resource
 from .ratelimit import RateLimiter
 from .scheduler import FairScheduler
@@ -194,6 +194,7 @@ class Broker:
         on_ready: Callable[[Broker], None] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
+        check_broker_user(config)
         self.config = config
         self.policy = config.policy
         self.limits = limits = config.limits

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,3 +247,19 @@ def test_a_path_through_a_file_gives_clean_errors_not_tracebacks(short_tmp: Path
     )
     assert status.returncode == 2 and f"{plain}/broker.toml: cannot read the config file" in status.stderr
     assert "Traceback" not in serve.stderr + status.stderr
+
+
+def test_the_broker_never_chmods_a_shared_directory_it_did_not_make(broker_factory: Any, short_tmp: Path) -> None:
+    """`serve --socket /tmp/broker.sock` as root used to chmod /tmp itself to
+    0700: the socket directory was chmodded whoever had made it."""
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmbroker", "serve", "--socket", str(shared / "broker.sock")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777, "the broker changed a directory it did not create"
+    assert "already exists with mode 1777" in proc.stderr and str(shared / "shmbroker") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

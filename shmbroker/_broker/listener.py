@@ -132,6 +132,18 @@ class Listener:
                 f"uid {os.geteuid()}; put the socket in a directory of its own, e.g. "
                 f"{os.path.join(self.directory, 'shmbroker', os.path.basename(self.path))}"
             )
+        if not self._created_dir and stat.S_IMODE(st.st_mode) & ~mode & 0o7777:
+            # Never tighten a directory we did not make that others may use:
+            # it may be shared (/tmp) or someone's home, and chmod 0700 on it
+            # would lock everyone else out.  A leftover of ours has our mode.
+            raise ConfigError(
+                f"socket directory {self.directory} already exists with mode {stat.S_IMODE(st.st_mode):04o}, "
+                f"more open than the {mode:04o} the broker needs; give the broker a directory of its own, "
+                f"e.g. --socket {os.path.join(self.directory, 'shmbroker', os.path.basename(self.path))}, "
+                f"or run `chmod {mode:o} {self.directory}` if it is meant for the broker alone"
+            )
+        # Ours, or no more open than ours should be: set exactly our mode
+        # (mkdir's went through the umask; a configured group needs g+rx).
         os.chmod(self.directory, mode)
         if self.group is not None:
             os.chown(self.directory, -1, self.group)

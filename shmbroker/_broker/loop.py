@@ -520,8 +520,10 @@ class Broker:
         conn = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size, max_pending_frames=self.limits.max_pending_frames)
         session = Session(sock, peer, conn, pending.deadline, pending.charge)
         self.sessions[sock.fileno()] = session
-        self._settle(session)
         self.events.count("peers_verified")
+        # Its hello and first request are usually waiting already: read them
+        # now rather than after another turn of the loop.
+        self._read(session)
         log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
         return False
 
@@ -584,6 +586,7 @@ class Broker:
         try:
             data, fds, flags, sender = fdpass.recv_with_sender(session.sock, RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
+            self._settle(session)  # nothing yet: wait for it
             return
         except OSError as exc:
             data, fds, flags, sender = b"", [], 0, None

@@ -27,7 +27,7 @@ Task = Callable[[], bool]
 # segment step (segments.STEP_BYTES), so a lone busy uid still gets most of
 # its work done per round, and low enough that a uid that saturates its
 # share adds well under a millisecond to anyone else's round trip.
-QUANTUM_SECONDS = 200e-6
+QUANTUM_SECONDS = 100e-6
 
 
 class FairScheduler:
@@ -43,15 +43,16 @@ class FairScheduler:
         self._queues.setdefault(uid, collections.deque()).append(task)
 
     def run_round(self) -> None:
-        """One quantum for each uid that has work now (work added meanwhile waits for the next round)."""
+        """One quantum for each uid that has work now: its tasks run in turn,
+        a task that has more to do going to the back of its uid's queue, until
+        the quantum is spent or nothing is left (a uid that joins meanwhile
+        waits for the next round)."""
         for uid in list(self._queues):
             queue = self._queues.get(uid)
             if queue is None:
                 continue
             start = self._clock()
-            budget = len(queue)  # never run a task twice in one round
-            while queue and budget:
-                budget -= 1
+            while queue:
                 task = queue.popleft()
                 if task():
                     queue.append(task)

@@ -293,7 +293,7 @@ class Broker:
             *(pending.close for pending in list(self._unverified)),
             *(lambda c=c: self._release_segment(c, at_once=True) for c in list(self.channels.values())),
             self._finish_wipes,
-            *(lambda s=s: s.close() for s, _ in self._lingering),
+            self._close_lingering,  # after the sessions: closing them may add some
             self.selector.close,
             self.listener.close,
             self._restore_signals,
@@ -304,11 +304,17 @@ class Broker:
             except Exception:
                 log.exception("error while shutting down; continuing")
         self._unverified.clear()
-        self._lingering.clear()
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
         log.info("broker stopped; every segment was wiped")
+
+    def _close_lingering(self) -> None:
+        for sock, charges in self._lingering:
+            sock.close()
+            for charge in charges:
+                charge.release()
+        self._lingering.clear()
 
     def _restore_signals(self) -> None:
         if self._wakeup_w >= 0:
@@ -521,10 +527,10 @@ class Broker:
         session = Session(sock, peer, conn, pending.deadline, pending.charge)
         self.sessions[sock.fileno()] = session
         self.events.count("peers_verified")
+        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
         # Its hello and first request are usually waiting already: read them
         # now rather than after another turn of the loop.
         self._read(session)
-        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
         return False
 
     def _make_room_for_handshake(self) -> None:
@@ -889,11 +895,14 @@ class Broker:
         owner = self._euid
         if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
             return
-        self.events.record(
-            EventKind.PEER_REJECTED,
-            f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
-            pid=identity.pid, uid=identity.uid, channel=channel,
-        )
+        if self._refusals.allow(identity.uid, time.monotonic()):
+            self.events.record(
+                EventKind.PEER_REJECTED,
+                f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
+                pid=identity.pid, uid=identity.uid, channel=channel,
+            )
+        else:
+            self.events.count("refusals_suppressed")
         raise PermissionDenied(
             f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
             f"creates and could make a read-only one writable (fchmod, then reopen /proc/self/fd); its "

@@ -120,7 +120,11 @@ class Channel:
         self.segment: Segment | None = None
         self.ring: RingState | None = None  # with the segment, for ring channels
         self.generation = 0
+        # Sessions attached to the current segment: what decides when it is
+        # wiped (last detach, wipe_when).  Sessions still connected to a
+        # segment revoked since are only remembered, for status.
         self.sessions: set[Session] = set()
+        self.revoked_sessions: set[Session] = set()
         # Attach requests waiting for the segment's pages to be reserved.
         self.waiting: list[tuple[Session, m.Attach]] = []
 
@@ -366,8 +370,9 @@ class Broker:
         for uid, dropped in self._refusals.expired(now):
             self.events.record(
                 EventKind.REFUSALS_SUPPRESSED,
-                f"uid {uid} was refused {dropped} more time(s) in the last {self.limits.refusal_window:g}s "
-                "without an answer or a log line each (refusals_per_uid_burst)",
+                f"uid {uid} caused {dropped} more refusal(s) or security event(s) in the last "
+                f"{self.limits.refusal_window:g}s, counted but not answered, logged or kept one by one "
+                "(refusals_per_uid_burst)",
                 uid=int(uid) if isinstance(uid, int) else None,
             )
         if not self._listening and self._reserve_fd < 0:
@@ -559,11 +564,18 @@ class Broker:
             )
             self._fail(victim, m.Error("limit", "too many connections are still in their handshake; dropped the oldest"))
 
-    def _reject(self, sock: socket.socket, reason: str, pid: int | None, uid: int | None) -> None:
+    def _peer_event(
+        self, kind: EventKind, detail: str, *, pid: int | None, uid: int | None, channel: str | None = None
+    ) -> None:
+        """Record an event a peer caused, within its uid's burst; past it, only count it."""
         if uid is None or self._refusals.allow(uid, time.monotonic()):
-            self.events.record(EventKind.PEER_REJECTED, reason, pid=pid, uid=uid)
+            self.events.record(kind, detail, pid=pid, uid=uid, channel=channel)
         else:
-            self.events.count("refusals_suppressed")
+            self.events.count(kind.value)
+            self.events.count("events_suppressed")
+
+    def _reject(self, sock: socket.socket, reason: str, pid: int | None, uid: int | None) -> None:
+        self._peer_event(EventKind.PEER_REJECTED, reason, pid=pid, uid=uid)
         message = reason if reason.startswith("permission denied") else f"permission denied: {reason}"
         self._refuse(sock, m.Error("permission_denied", message))
 
@@ -622,7 +634,7 @@ class Broker:
         inherited by a child).  Nothing it asks for is answered."""
         identity = session.peer.identity
         who = f"pid {sender}" if sender > 0 else "a process outside the broker's pid namespace"
-        self.events.record(
+        self._peer_event(
             EventKind.IDENTITY_CHANGED,
             f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
             "the socket was handed to another process; the connection was closed",
@@ -895,14 +907,11 @@ class Broker:
         owner = self._euid
         if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
             return
-        if self._refusals.allow(identity.uid, time.monotonic()):
-            self.events.record(
-                EventKind.PEER_REJECTED,
-                f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
-                pid=identity.pid, uid=identity.uid, channel=channel,
-            )
-        else:
-            self.events.count("refusals_suppressed")
+        self._peer_event(
+            EventKind.PEER_REJECTED,
+            f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
+            pid=identity.pid, uid=identity.uid, channel=channel,
+        )
         raise PermissionDenied(
             f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
             f"creates and could make a read-only one writable (fchmod, then reopen /proc/self/fd); its "
@@ -1109,6 +1118,7 @@ class Broker:
             return None
         session.channel = session.segment = None
         channel.sessions.discard(session)
+        channel.revoked_sessions.discard(session)
         if session.ring is not None:
             session.ring.detach(session)  # frees a consumer slot so it cannot stall the producer
             session.ring = None
@@ -1124,13 +1134,13 @@ class Broker:
                 reason = f"pid {session.peer.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
         identity = session.peer.identity
         if reason is not None:
-            self.events.record(EventKind.IDENTITY_CHANGED, reason, pid=identity.pid, uid=identity.uid, channel=channel.name)
+            self._peer_event(EventKind.IDENTITY_CHANGED, reason, pid=identity.pid, uid=identity.uid, channel=channel.name)
             if segment is not None and segment is channel.segment:
                 self._revoke(channel)
         log.info("detached pid %d from channel %r", identity.pid, channel.name)
         if not channel.sessions and not channel.waiting:
             self._release_segment(channel)
-        elif session.role == "producer":
+        elif session.role == "producer" and segment is channel.segment:
             self._apply_liveness_rule(channel)
         return reason
 
@@ -1159,6 +1169,10 @@ class Broker:
         # Peers still attached may read their mapping: overwrite, so their
         # reads need no new page; nobody attached: free the pages.
         problem = segment.begin_wipe(free=not (channel.sessions and segment.ready))
+        # They stay connected, but no longer hold the channel: the next
+        # segment's last detach and wipe_when count only its own peers.
+        channel.revoked_sessions |= channel.sessions
+        channel.sessions = set()
         if problem is not None:
             self.events.record(
                 EventKind.WIPE_FAILED, f"segment of channel {channel.name!r} (generation {segment.generation}): {problem}",
@@ -1272,9 +1286,10 @@ class Broker:
                     "exe": s.peer.identity.exe_path,
                     "role": s.role,
                     "generation": s.segment.generation if s.segment else None,
+                    "revoked": s in channel.revoked_sessions,
                     "attached_at": s.attached_at,
                 }
-                for s in sorted(channel.sessions, key=lambda s: s.attached_at or 0)
+                for s in sorted(channel.sessions | channel.revoked_sessions, key=lambda s: s.attached_at or 0)
             ]
             channels.append(
                 {

@@ -48,10 +48,23 @@ class SecurityEvent:
         return out
 
 
+# Kinds a peer causes by what it sends (so a peer can cause many of them);
+# the broker rate-limits them per uid.  The others (a lease broken, a
+# segment truncated or not wiped, a panic) are kept apart, so no flood of a
+# peer's events can push them out of `status`.
+PEER_KINDS = frozenset({EventKind.PEER_REJECTED, EventKind.IDENTITY_CHANGED, EventKind.REFUSALS_SUPPRESSED})
+
+
 class EventLog:
     def __init__(self) -> None:
-        self.events: collections.deque[SecurityEvent] = collections.deque(maxlen=MAX_KEPT_EVENTS)
+        self._peer_events: collections.deque[SecurityEvent] = collections.deque(maxlen=MAX_KEPT_EVENTS)
+        self._segment_events: collections.deque[SecurityEvent] = collections.deque(maxlen=MAX_KEPT_EVENTS)
         self.counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def events(self) -> list[SecurityEvent]:
+        """The kept events of both kinds, oldest first."""
+        return sorted((*self._peer_events, *self._segment_events), key=lambda e: e.time)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -65,7 +78,7 @@ class EventLog:
             # must never take the broker down: keep the event and say so.
             log.error("undeclared security event kind %r", name)
         event = SecurityEvent(kind=kind, time=time.time(), pid=pid, uid=uid, detail=detail, channel=channel)
-        self.events.append(event)
+        (self._peer_events if kind in PEER_KINDS else self._segment_events).append(event)
         self.counters[name] += 1
         log.warning(
             "security event %s: %s", name, detail,

@@ -15,6 +15,7 @@ Scenarios (one abusive uid each):
   refused-requests  uid 65534, admitted: 4 connections pipelining status requests it may not make
   cursor-pipeline   uid 65534: a ring producer pipelining `cursors` requests it never reads
   connect-churn     uid 65534: connect, hello, close, as fast as it can
+  connect-flood-4   uid 65534, four processes: a non-blocking connect and a close, as fast as they can
   big-channels      uid 65534: creates and drops 1 GiB channels (reserve and wipe work)
 
 Prints the victim's p50/p90/max per scenario, the ratio of p50 to the
@@ -67,10 +68,12 @@ def _drop(uid: int) -> None:
     os.setuid(uid)
 
 
-def _spawn(uid: int, body: Callable[[], None]) -> int:
+def _spawn(uid: int, body: Callable[[], None], nice: int) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            os.setpgid(0, 0)  # the abuser's children are killed with it
+            os.nice(nice)
             _drop(uid)
             body()
         except BaseException:
@@ -133,6 +136,27 @@ def _connect_churn(path: str) -> Callable[[], None]:
     return body
 
 
+def _connect_flood(path: str) -> Callable[[], None]:
+    """Four processes of one uid: a non-blocking connect and a close, as fast as they can."""
+
+    def one() -> None:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                s.connect(path)
+            except OSError:
+                pass
+            s.close()
+
+    def body() -> None:
+        for _ in range(3):
+            if os.fork() == 0:
+                one()
+        one()
+
+    return body
+
+
 def _big_channels(path: str) -> Callable[[], None]:
     return lambda: churn_large_channels(path, size=1 << 30)
 
@@ -142,6 +166,7 @@ SCENARIOS: dict[str, Callable[[str], Callable[[], None]]] = {
     "refused-requests": _refused_requests,
     "cursor-pipeline": _cursor_pipeline,
     "connect-churn": _connect_churn,
+    "connect-flood-4": _connect_flood,
     "big-channels": _big_channels,
 }
 UIDS = {"refused-flood": OUTSIDER}
@@ -184,6 +209,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     parser.add_argument("--landlock", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--abuser-nice", type=int, default=0, metavar="N",
+        help="run the abusers at this nice value: what a separate cgroup (systemd's user.slice against the "
+        "broker's system.slice) gives the broker (default 0: the abusers compete with the broker as equals)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("abuse_latency: needs root (the abusers run as other uids)", file=sys.stderr)
@@ -211,11 +241,11 @@ def main() -> int:
         holder = ShmClient.attach("victim", size=1 << 20, socket_path=sock)
         mach = describe()
         print(f"machine: {mach['cpu_model']}, {mach['cores']} cpus, Linux {mach['kernel']}, Python {mach['python']}; "
-              f"--landlock {args.landlock}; {args.samples} victim attaches per figure")
+              f"--landlock {args.landlock}; abusers at nice {args.abuser_nice}; {args.samples} victim attaches per figure")
         print(f"{'scenario':<18} {'p50 us':>8} {'p90 us':>8} {'max us':>9} {'base p50':>9} {'ratio':>6} {'broker cpu':>10} {'fds peak':>8}")
         for name in args.scenario or list(SCENARIOS):
             base = _summary(_victim(sock, args.samples))
-            pid = _spawn(UIDS.get(name, ADMITTED), SCENARIOS[name](sock))
+            pid = _spawn(UIDS.get(name, ADMITTED), SCENARIOS[name](sock), args.abuser_nice)
             time.sleep(1.0)  # let the abuse reach its steady state
             peak = _fds(broker.pid)
             cpu0, t0 = _cpu(broker.pid), time.monotonic()
@@ -233,7 +263,7 @@ def main() -> int:
             cpu = (_cpu(broker.pid) - cpu0) / (time.monotonic() - t0)
             stop.set()
             watcher.join()
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             print(f"{name:<18} {loaded['p50']:8.0f} {loaded['p90']:8.0f} {loaded['max']:9.0f} {base['p50']:9.0f} "
                   f"{loaded['p50'] / base['p50']:6.2f} {cpu * 100:9.0f}% {peak:8d}", flush=True)

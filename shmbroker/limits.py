@@ -25,6 +25,17 @@ SCM_MAX_FD = 253
 PAGE_SIZE = 4096
 
 
+# What max_fds_per_uid allows for by default.  A connection: its socket and
+# pidfd, a ring consumer's cursor page, and one unread reply's fds (a ring
+# producer's attach carries 12, but few connections hold one at once).  A
+# channel created on demand: its segment (two fds for a memfd) and a ring's
+# control, index and read-only index pages and nine eventfds.
+FDS_PER_CONNECTION = 4
+FDS_PER_SEGMENT = 14
+# Limits where 0 means "derived from the others" (see the field's comment).
+_DERIVED_WHEN_ZERO = frozenset({"max_fds_per_uid"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Resource limits of one broker.  Field comments cite the precedent."""
@@ -61,10 +72,12 @@ class Limits:
     # the segment and ring fds of channels it created, its ring consumers'
     # cursor pages, and the fds of replies it has not read yet (in flight,
     # which the kernel charges to the broker's user).  In the spirit of
-    # dbus-broker's per-user quotas, sized so a uid at max_connections_per_uid
-    # and max_segments_per_uid (ring channels need 14 fds each) still fits,
-    # while a handful of uids cannot exhaust RLIMIT_NOFILE between them.
-    max_fds_per_uid: int = 2048
+    # dbus-broker's per-user quotas.  0 (the default) derives it from the two
+    # caps it must fit: FDS_PER_CONNECTION for each of max_connections_per_uid
+    # and FDS_PER_SEGMENT for each of max_segments_per_uid (1,920 with the
+    # defaults), so raising either raises it too, while a handful of uids
+    # still cannot exhaust RLIMIT_NOFILE between them.
+    max_fds_per_uid: int = 0
     # Refusals of one uid that are answered, logged and recorded per window;
     # after that its connections are closed unanswered (only uids no rule
     # names) and counted, with one summary event per window.  journald's
@@ -77,12 +90,19 @@ class Limits:
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{field.name} must be a number, not {value!r}")
-            if value <= 0:
+            if value <= 0 and not (field.name in _DERIVED_WHEN_ZERO and value == 0):
                 raise ValueError(f"{field.name} must be positive, not {value!r}")
             if field.type in ("int", int) and not isinstance(value, int):
                 raise ValueError(f"{field.name} must be a whole number, not {value!r}")
         if self.max_segment_size < PAGE_SIZE:
             raise ValueError(f"max_segment_size must be at least {PAGE_SIZE} bytes")
+
+    @property
+    def fds_per_uid(self) -> int:
+        """max_fds_per_uid, or what it derives to when left at 0."""
+        if self.max_fds_per_uid:
+            return self.max_fds_per_uid
+        return FDS_PER_CONNECTION * self.max_connections_per_uid + FDS_PER_SEGMENT * self.max_segments_per_uid
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Limits:

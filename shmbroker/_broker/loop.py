@@ -219,7 +219,7 @@ class Broker:
                 Resource.CONNECTIONS: limits.max_connections_per_uid,
                 Resource.SEGMENTS: limits.max_segments_per_uid,
                 Resource.BYTES: limits.max_bytes_per_uid,
-                Resource.FDS: limits.max_fds_per_uid,
+                Resource.FDS: limits.fds_per_uid,
             },
             total={Resource.CONNECTIONS: limits.max_connections},  # FDS: set once the rlimit is known
         )
@@ -284,7 +284,7 @@ class Broker:
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
         self._listening = True
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_signal)
-        self.ledger.total[Resource.FDS] = _fd_budget(self.limits.max_connections, self.limits.max_fds_per_uid)
+        self.ledger.total[Resource.FDS] = _fd_budget(self.limits.max_connections, self.limits.fds_per_uid)
         log.info(
             "broker %s listening on %s (pid %d, uid %d, policy %s)",
             __version__, self.listener.path, os.getpid(), os.getuid(), self.config.source or "default",
@@ -490,7 +490,7 @@ class Broker:
             return
         pending = Unverified(sock, credentials, groups, charge, now + self.limits.handshake_timeout)
         self._unverified.add(pending)
-        self.scheduler.add(uid, lambda: self._verify(pending))
+        self.scheduler.add(uid, lambda: self._verify(pending), new=True)
 
     def _verify(self, pending: Unverified) -> bool:
         """The uid's turn: verify the peer before a single byte of it is read."""

@@ -34,43 +34,41 @@ class FairScheduler:
     def __init__(self, quantum: float = QUANTUM_SECONDS, clock: Callable[[], float] = time.perf_counter) -> None:
         self.quantum = quantum
         self._clock = clock
-        self._queues: dict[int, collections.deque[Task]] = {}
+        # Per uid: work on what it already has (sessions, segments), and new
+        # connections waiting to be verified.  The first goes first, so a
+        # burst of connections from one uid cannot leave its own verified
+        # handshakes unanswered until the handshake cap evicts them.
+        self._queues: dict[int, tuple[collections.deque[Task], collections.deque[Task]]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._queues)
 
-    def add(self, uid: int, task: Task) -> None:
-        self._queues.setdefault(uid, collections.deque()).append(task)
+    def add(self, uid: int, task: Task, *, new: bool = False) -> None:
+        """Queue ``task`` for ``uid``; ``new`` for work that starts something (a verification)."""
+        current, fresh = self._queues.setdefault(uid, (collections.deque(), collections.deque()))
+        (fresh if new else current).append(task)
 
     def run_round(self) -> None:
         """One quantum for each uid that has work now: its tasks run in turn,
-        a task that has more to do going to the back of its uid's queue, until
-        the quantum is spent or nothing is left (a uid that joins meanwhile
-        waits for the next round)."""
+        a task that has more to do going to the back of its queue, until the
+        quantum is spent or nothing is left (a uid that joins meanwhile waits
+        for the next round)."""
         for uid in list(self._queues):
-            queue = self._queues.get(uid)
-            if queue is None:
+            queues = self._queues.get(uid)
+            if queues is None:
                 continue
+            current, fresh = queues
             start = self._clock()
-            while queue:
+            while current or fresh:
+                queue = current if current else fresh
                 task = queue.popleft()
                 if task():
-                    queue.append(task)
+                    current.append(task)
                 if self._clock() - start >= self.quantum:
                     break
-            if not queue and self._queues.get(uid) is queue:
+            if not (current or fresh) and self._queues.get(uid) is queues:
                 del self._queues[uid]
         # Rotate so the uid served first this round is served last next round.
         if len(self._queues) > 1:
             first = next(iter(self._queues))
             self._queues[first] = self._queues.pop(first)
-
-    def run_all(self) -> None:
-        """Run everything to completion (shutdown, panic): latency no longer matters."""
-        while self._queues:
-            for uid in list(self._queues):
-                queue = self._queues.pop(uid)
-                while queue:
-                    task = queue.popleft()
-                    while task():
-                        pass

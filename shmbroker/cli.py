@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
     from ._ring.layout import resolve_max_message
-    from ._broker.loop import Broker
+    from ._broker.driver import Broker
     from ._broker.sandbox import Sandbox
     from ._paths import default_socket_path
     from ._sys import sdlisten

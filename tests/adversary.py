@@ -232,7 +232,7 @@ def inprocess_broker(
         try:
             from shmbroker._broker import auth
             from shmbroker._broker.config import default_config, load_config
-            from shmbroker._broker.loop import Broker
+            from shmbroker._broker.driver import Broker
             from shmbroker._logging import TextFormatter
 
             handler = logging.FileHandler(log_path)

@@ -216,7 +216,7 @@ def broker_as(
         code = 1
         try:
             from shmbroker._broker import auth
-            from shmbroker._broker.loop import Broker
+            from shmbroker._broker.driver import Broker
             from shmbroker._logging import TextFormatter
 
             handler = logging.FileHandler(log_path)
@@ -229,7 +229,7 @@ def broker_as(
                 drop_to(uid, gid, keep=frozenset({sysprctl.CAP_SYS_PTRACE}))
             else:
                 drop_to(uid, gid)
-                auth._exe_identity = lambda pid: ((0, 0), "(not checked by the impostor)")
+                auth._exe_identity = lambda pid, *_: ((0, 0), "(not checked by the impostor)")
             Broker(config, socket_path).run()
             code = 0
         except BaseException:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from shmbroker import ShmClient
-from shmbroker._broker import loop
+from shmbroker._broker import core, driver
+from shmbroker._broker.config import ChannelSpec
 from shmbroker._broker.config import default_config
 from shmbroker._broker.segments import Segment
 
@@ -23,16 +24,16 @@ def test_teardown_closes_the_listener_and_wipes_the_rest_when_a_wipe_fails(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sock = str(short_tmp / "run" / "broker.sock")
-    broker = loop.Broker(default_config(), sock)
+    broker = driver.Broker(default_config(), sock)
     broker._setup()
     try:
         # Two live segments; wiping the first one raises.
         for name in ("first", "second"):
-            broker.channels[name] = loop.Channel(loop.ChannelSpec(name=name, size=4096), configured=True)
+            broker.core.channels[name] = core.Channel(ChannelSpec(name=name, size=4096), configured=True)
             segment = Segment.create(4096, 1)
             segment.reserve()
-            broker.channels[name].segment = segment
-        first, second = broker.channels["first"].segment, broker.channels["second"].segment
+            broker.core.channels[name].segment = segment
+        first, second = broker.core.channels["first"].segment, broker.core.channels["second"].segment
         assert first is not None and second is not None
         real_wipe = Segment.wipe
 

@@ -18,7 +18,7 @@ from helpers import NOBODY, run_in_child
 from shmbroker import cli, hardening
 # Everything `serve` imports lazily, loaded now: the forked broker runs as
 # nobody, who cannot read the interpreter's stdlib under /root.
-import shmbroker._broker.loop  # noqa: F401,E402
+import shmbroker._broker.driver  # noqa: F401,E402
 import shmbroker._broker.config  # noqa: F401,E402
 import shmbroker._logging  # noqa: F401,E402
 import shmbroker._paths  # noqa: F401,E402

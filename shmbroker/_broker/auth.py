@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 # process, see tests/adversary.py); no config key, option or environment
 # variable reaches it, and the broker logs a warning at start if it is set.
 after_credentials_hook: Callable[[int], None] | None = None
-# Set by `serve --landlock`: a Landlock-restricted broker may not stat other
-# processes' /proc/PID/exe itself, so an unsandboxed helper does it.
-exe_inspector: ExeInspector | None = None
+
+# (st_dev, st_ino, path) of /proc/PID/exe.
+StatExe = Callable[[int], tuple[int, int, str]]
 
 
 class AuthError(Exception):
@@ -61,17 +61,36 @@ class VerifiedPeer:
             self.pidfd = -1
 
 
-def _stat_exe(pid: int) -> tuple[int, int, str]:
-    """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
-    if exe_inspector is not None:
-        return exe_inspector.exe(pid)
-    dev, ino = statx.identity(f"/proc/{pid}/exe")  # never waits on a FUSE server (see _sys/statx.py)
-    return dev, ino, _exe_path(pid)
+class Verifier:
+    """How the broker verifies peers, handed to it rather than kept in globals.
+
+    ``inspector``: set by `serve --landlock` once the sandbox is applied; a
+    Landlock-restricted broker may not stat other processes' /proc/PID/exe
+    itself, so an unsandboxed helper does it (inspector.py)."""
+
+    def __init__(self, inspector: ExeInspector | None = None) -> None:
+        self.inspector = inspector
+
+    def stat_exe(self, pid: int) -> tuple[int, int, str]:
+        """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
+        if self.inspector is not None:
+            return self.inspector.exe(pid)
+        dev, ino = statx.identity(f"/proc/{pid}/exe")  # never waits on a FUSE server (see _sys/statx.py)
+        return dev, ino, _exe_path(pid)
+
+    def verify(self, sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> VerifiedPeer:
+        return verify_peer(sock, credentials, stat_exe=self.stat_exe)
+
+    def recheck(self, peer: VerifiedPeer) -> str | None:
+        return recheck(peer, stat_exe=self.stat_exe)
 
 
-def _exe_identity(pid: int) -> tuple[tuple[int, int], str]:
+_DEFAULT = Verifier()
+
+
+def _exe_identity(pid: int, stat_exe: StatExe = _DEFAULT.stat_exe) -> tuple[tuple[int, int], str]:
     try:
-        dev, ino, path = _stat_exe(pid)
+        dev, ino, path = stat_exe(pid)
     except InspectorError as exc:
         raise AuthError(f"peer pid {pid} cannot be verified: {exc.strerror}") from None
     except (PermissionError, OSError) as exc:
@@ -110,7 +129,9 @@ def _exe_path(pid: int) -> str:
         return "?"
 
 
-def verify_peer(sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> VerifiedPeer:
+def verify_peer(
+    sock: socket.socket, credentials: tuple[int, int, int] | None = None, *, stat_exe: StatExe = _DEFAULT.stat_exe,
+) -> VerifiedPeer:
     """Verify the peer of ``sock``; ``credentials`` is SO_PEERCRED if already read."""
     pid, uid, gid = credentials or peercred.peer_credentials(sock)
     if pid <= 0:
@@ -134,7 +155,7 @@ def verify_peer(sock: socket.socket, credentials: tuple[int, int, int] | None = 
         groups = peercred.peer_groups(sock)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
-        exe, exe_path = _exe_identity(pid)
+        exe, exe_path = _exe_identity(pid, stat_exe)
         # Only now do we know the stat above described the connecting process
         # (one check after the stat covers a peer that was already gone too).
         if pidfd.pidfd_pid(pfd) != pid:
@@ -145,7 +166,7 @@ def verify_peer(sock: socket.socket, credentials: tuple[int, int, int] | None = 
     return VerifiedPeer(Identity(pid, uid, gid, groups, exe, exe_path), pfd, source)
 
 
-def recheck(peer: VerifiedPeer) -> str | None:
+def recheck(peer: VerifiedPeer, *, stat_exe: StatExe = _DEFAULT.stat_exe) -> str | None:
     """Re-verify at session end; return why the identity changed, or None.
 
     A peer that has exited cannot be re-verified and is not an incident: most
@@ -156,7 +177,7 @@ def recheck(peer: VerifiedPeer) -> str | None:
     if peer.pidfd < 0:
         return None
     try:
-        dev, ino, now_path = _stat_exe(pid)
+        dev, ino, now_path = stat_exe(pid)
         now = (dev, ino)
     except OSError as exc:
         if pidfd.pidfd_pid(peer.pidfd) != pid:

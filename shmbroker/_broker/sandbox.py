@@ -104,6 +104,7 @@ class Sandbox:
 
         self.socket_path, self.config_path = socket_path, config_path
         self.inspector: Any = None
+        self._verifier: auth.Verifier | None = None
         self.mode = mode
         self.enabled = mode != "off"
         if self.enabled and landlock.abi_version() <= 0:
@@ -123,7 +124,8 @@ class Sandbox:
         if not self.enabled:
             return
         self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
-        auth.exe_inspector = self.inspector
+        self._verifier = broker.verifier
+        self._verifier.inspector = self.inspector
         try:
             restrict(
                 socket_path=self.socket_path, config_path=self.config_path,
@@ -137,6 +139,7 @@ class Sandbox:
 
     def close(self) -> None:
         if self.inspector is not None:
-            auth.exe_inspector = None
+            if self._verifier is not None:
+                self._verifier.inspector = None
             self.inspector.close()
             self.inspector = None

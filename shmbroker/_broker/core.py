@@ -1,0 +1,846 @@
+"""The broker's decisions, without I/O on sockets: channels, admission,
+attach, detach, revocation, quotas and status.
+
+In the spirit of h11 and of dbus-broker's ``bus/`` against its main loop:
+the driver (driver.py) owns the sockets, the selector, signals and the send
+path; it tells the core what happened (a peer connected, a request arrived, a
+peer hung up, a tick) and carries out the actions the core returns (send this
+reply with these fds, fail this member, close it, schedule this segment
+work).  The core never reads or writes a socket, never sleeps and takes its
+clocks as arguments, so every decision is testable in-process
+(tests/test_broker_core.py).  It does own the kernel objects behind a
+channel (segments, ring pages), whose lifecycle *is* the decision.
+
+Everything a member holds is charged to its uid (quota.py) and released with
+it; events a peer causes are rate-limited per uid (ratelimit.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .._layout import FLAG_RING, LAYOUT_VERSION
+from .._ring import layout as ring_layout
+from .._ring.broker import CONSUMER_FD_NAMES, RingState, producer_fd_names
+from .._ring.layout import resolve_max_message
+from .._wire import messages as m
+from ..errors import (
+    ChannelBusy,
+    ChannelNotFound,
+    ChannelRevoked,
+    LimitExceeded,
+    PermissionDenied,
+    ProtocolError,
+    ShmBrokerError,
+)
+from .auth import VerifiedPeer
+from .config import BrokerConfig, ChannelSpec
+from .events import EventKind, EventLog
+from .policy import Identity
+from .quota import Charge, Ledger, Resource
+from .ratelimit import RateLimiter
+from .segments import STEP_BYTES, Segment
+
+log = logging.getLogger(__name__)
+
+# fds the broker itself holds for a segment beyond the segment's own: a
+# ring's control and index pages, the index page's read-only twin, and the
+# producer's and every consumer slot's eventfd (_ring/broker.py).
+RING_FDS = 4 + ring_layout.MAX_CONSUMERS
+# A member's own fds, held by the driver: its socket and the pidfd pinning its peer.
+SESSION_FDS = 2
+
+_ERROR_CODES: dict[type[ShmBrokerError], str] = {
+    PermissionDenied: "permission_denied",
+    ChannelNotFound: "not_found",
+    ChannelBusy: "conflict",
+    LimitExceeded: "limit",
+    ProtocolError: "protocol",
+    ChannelRevoked: "revoked",
+}
+
+
+def error_reply(exc: ShmBrokerError) -> m.Error:
+    return m.Error(_ERROR_CODES.get(type(exc), "internal"), str(exc))
+
+
+class Rechecker(Protocol):
+    def recheck(self, peer: VerifiedPeer) -> str | None: ...
+
+
+class Member:
+    """One verified peer's standing with the broker: who it is and what it holds."""
+
+    def __init__(self, peer: VerifiedPeer, charge: Charge, accepted_at: float) -> None:
+        self.peer = peer
+        self.charge = charge  # the connection, its socket and pidfd
+        self.accepted_at = accepted_at  # monotonic; the handshake deadline counts from here
+        self.channel: Channel | None = None
+        self.segment: Segment | None = None  # the one it attached to (its channel's may be newer)
+        self.ring: RingState | None = None
+        self.role: str | None = None
+        self.attached_at: float | None = None  # wall clock, for status
+        self.attachment_charge: Charge | None = None  # a ring consumer's cursor page
+        self.parked = False  # its attach waits for the segment's pages
+
+    @property
+    def identity(self) -> Identity:
+        return self.peer.identity
+
+    @property
+    def uid(self) -> int:
+        return self.peer.identity.uid
+
+    @property
+    def attached(self) -> bool:
+        return self.channel is not None
+
+
+class Channel:
+    """A named channel; it holds a segment only while someone is attached."""
+
+    def __init__(self, spec: ChannelSpec, *, configured: bool) -> None:
+        self.spec = spec
+        self.configured = configured
+        self.segment: Segment | None = None
+        self.ring: RingState | None = None  # with the segment, for ring channels
+        self.generation = 0
+        # Members attached to the current segment: what decides when it is
+        # wiped (last detach, wipe_when).  Members still connected to a
+        # segment revoked since are only remembered, for status.
+        self.members: set[Member] = set()
+        self.revoked_members: set[Member] = set()
+        # Attach requests waiting for the segment's pages to be reserved.
+        self.waiting: list[tuple[Member, m.Attach]] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+# -- actions: what the driver is to do --------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class Send:
+    """Queue ``message`` to the member, with copies of ``fds``; ``charge`` is
+    their quota charge, to release once the peer has read them."""
+
+    member: Member
+    message: m.Message
+    fds: tuple[int, ...] = ()
+    charge: Charge | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Fail:
+    """Send ``error`` if the connection takes it now, then close; never wait on the peer."""
+
+    member: Member
+    error: m.Error
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Close:
+    """Close once what is queued for the member is written (after a detach)."""
+
+    member: Member
+
+
+# A step of segment work: (finished, actions to carry out now).
+Step = Callable[[], tuple[bool, "list[Action]"]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """Run ``step`` under ``uid``'s share of the broker (scheduler.py) until it says it is finished."""
+
+    uid: int
+    step: Step
+
+
+Action = Send | Fail | Close | Schedule
+
+
+class BrokerCore:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        verifier: Rechecker,
+        euid: int,
+        broker_info: Callable[[], dict[str, Any]] = dict,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.limits = limits = config.limits
+        self.verifier = verifier
+        self.euid = euid  # owns every segment and page this broker creates
+        self._broker_info = broker_info
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.events = EventLog()
+        self.channels: dict[str, Channel] = {
+            name: Channel(spec, configured=True) for name, spec in config.channels.items()
+        }
+        self.members: set[Member] = set()
+        self.ledger = Ledger(
+            per_uid={
+                Resource.CONNECTIONS: limits.max_connections_per_uid,
+                Resource.SEGMENTS: limits.max_segments_per_uid,
+                Resource.BYTES: limits.max_bytes_per_uid,
+                Resource.FDS: limits.fds_per_uid,
+            },
+            total={Resource.CONNECTIONS: limits.max_connections},  # FDS: set by the driver from its rlimit
+        )
+        self.refusals = RateLimiter(limits.refusals_per_uid_burst, limits.refusal_window)
+        # Segments being wiped in steps, with the charge of their creator.
+        self._wiping: dict[Segment, Charge] = {}
+        self._segment_charges: dict[Segment, Charge] = {}
+
+    # -- admission -------------------------------------------------------------
+    def admit(self, pid: int, uid: int, gid: int, groups: tuple[int, ...]) -> Charge | m.Error | None:
+        """A connection, before the costly check of its executable: its charge
+        if it may go on to be verified, an error to answer it with, or None
+        to close it unanswered (a uid no rule names, past its burst)."""
+        try:
+            self.policy.check_connect(uid, gid, groups)
+        except PermissionDenied as exc:
+            now = self._clock()
+            if self.refusals.limited(uid, now):
+                self.refusals.note_dropped(uid, now)
+                self.events.count("connections_dropped")
+                return None
+            return self.reject(str(exc), pid, uid)
+        try:
+            return self.ledger.charge(uid, connections=1, fds=SESSION_FDS)
+        except LimitExceeded as exc:
+            return m.Error("limit", str(exc))
+
+    def reject(self, reason: str, pid: int | None, uid: int | None) -> m.Error:
+        """A peer refused at admission: the event (within its uid's burst) and the answer."""
+        self.peer_event(EventKind.PEER_REJECTED, reason, pid=pid, uid=uid)
+        return m.Error("permission_denied", reason if reason.startswith("permission denied") else f"permission denied: {reason}")
+
+    def join(self, peer: VerifiedPeer, charge: Charge) -> tuple[Member | None, m.Error | None, list[Action]]:
+        """A verified peer: a member, or the error to refuse it with; and the
+        handshakes evicted to make room for it."""
+        try:
+            self.policy.admit(peer.identity)
+        except Exception as exc:
+            if not isinstance(exc, PermissionDenied):
+                log.exception("policy check failed unexpectedly")
+                exc = PermissionDenied(f"policy check failed ({type(exc).__name__})")
+            return None, self.reject(str(exc), peer.identity.pid, peer.identity.uid), []
+        actions = self._make_room_for_handshake()
+        member = Member(peer, charge, self._clock())
+        self.members.add(member)
+        self.events.count("peers_verified")
+        return member, None, actions
+
+    def _make_room_for_handshake(self) -> list[Action]:
+        """Keep at most max_incomplete_connections verified handshakes in flight.
+
+        Refusing newcomers once the table is full (dbus-daemon) lets a
+        slowloris that holds every slot lock everyone out until its
+        deadlines expire.  Like OpenSSH's MaxStartups we drop early instead,
+        but we drop the *oldest* handshake of the uid holding the most
+        slots: a verified newcomer always gets in, and its hello+attach,
+        usually already queued, completes on its uid's next turn.
+        Connections still waiting to be verified wait on the broker, not on
+        their peer, so they hold no slot (their uid's connection quota
+        bounds them).
+        """
+        incomplete = [s for s in self.members if not s.attached]
+        actions: list[Action] = []
+        while len(incomplete) >= self.limits.max_incomplete_connections:
+            per_uid = collections.Counter(s.uid for s in incomplete)
+            greediest = max(per_uid, key=lambda uid: per_uid[uid])
+            victim = min((s for s in incomplete if s.uid == greediest), key=lambda s: s.accepted_at)
+            incomplete.remove(victim)
+            self.events.count("handshakes_evicted")
+            log.info(
+                "%d handshakes in flight (max_incomplete_connections); dropped the oldest one, pid %d of uid %d",
+                len(incomplete) + 1, victim.identity.pid, victim.uid,
+            )
+            actions.append(Fail(victim, m.Error("limit", "too many connections are still in their handshake; dropped the oldest")))
+        return actions
+
+    def expired(self, now: float) -> list[Action]:
+        """Members whose handshake outlived handshake_timeout."""
+        deadline = self.limits.handshake_timeout
+        actions: list[Action] = []
+        for member in [s for s in self.members if not s.attached and not s.parked and now - s.accepted_at >= deadline]:
+            self.events.count("handshake_timeouts")
+            log.info("pid %d did not finish its handshake within %.1fs; dropped", member.identity.pid, deadline)
+            actions.append(Fail(member, m.Error("timeout", f"handshake not finished within {deadline:g}s")))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """When the oldest unfinished handshake expires (monotonic), if any."""
+        pending = [s.accepted_at for s in self.members if not s.attached and not s.parked]
+        return min(pending) + self.limits.handshake_timeout if pending else None
+
+    def peer_event(
+        self, kind: EventKind, detail: str, *, pid: int | None, uid: int | None, channel: str | None = None
+    ) -> None:
+        """Record an event a peer caused, within its uid's burst; past it, only count it."""
+        if uid is None or self.refusals.allow(uid, self._clock()):
+            self.events.record(kind, detail, pid=pid, uid=uid, channel=channel)
+        else:
+            self.events.count(kind.value)
+            self.events.count("events_suppressed")
+
+    # -- requests ----------------------------------------------------------------
+    def request(self, member: Member, message: m.Message) -> list[Action]:
+        """A decoded request of ``member``; every failure is answered, none escapes."""
+        try:
+            return self._handle(member, message)
+        except ShmBrokerError as exc:
+            return [Send(member, error_reply(exc))]
+        except Exception as exc:  # never let one client's request kill the broker
+            log.exception("internal error handling %s from pid %d", message.TYPE, member.identity.pid)
+            return [Send(member, m.Error("internal", f"internal broker error ({type(exc).__name__}); see the broker log"))]
+
+    def _handle(self, member: Member, message: m.Message) -> list[Action]:
+        if isinstance(message, m.Hello):
+            return [Send(member, m.Welcome(version=m.PROTOCOL_VERSION, broker_pid=self._broker_info().get("pid", 0)))]
+        if isinstance(message, m.Attach):
+            return self._attach(member, message)
+        if isinstance(message, m.Detach):
+            actions: list[Action] = []
+            reason = self._end_attachment(member, recheck_identity=True, actions=actions)
+            if reason:
+                log.info("pid %d detached after an identity change", member.identity.pid)
+            return [*actions, Send(member, m.Detached()), Close(member)]
+        if isinstance(message, m.StatusRequest):
+            if not self.policy.may_query_status(member.identity):
+                raise PermissionDenied(
+                    f"permission denied: uid {member.uid} may not query status ({self.policy.status.describe()})"
+                )
+            return [Send(member, m.StatusReply(status=self.status()))]
+        if isinstance(message, m.Cursors):
+            return self._cursor_pages(member)
+        raise ProtocolError(f"unexpected {message.TYPE}")  # pragma: no cover - the connection only surfaces requests
+
+    def handed_over(self, member: Member, sender: int) -> list[Action]:
+        """Another process wrote on a verified connection (the driver knows who
+        sent each write, SO_PASSCRED): the socket was passed on (SCM_RIGHTS,
+        or inherited by a child).  Nothing it asks for is answered."""
+        identity = member.identity
+        who = f"pid {sender}" if sender > 0 else "a process outside the broker's pid namespace"
+        self.peer_event(
+            EventKind.IDENTITY_CHANGED,
+            f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
+            "the socket was handed to another process; the connection was closed",
+            pid=identity.pid, uid=identity.uid, channel=member.channel.name if member.channel else None,
+        )
+        return [Fail(member, m.Error(
+            "permission_denied",
+            f"permission denied: this connection was verified for pid {identity.pid}, not for the process "
+            "writing on it; connect anew",
+        ))]
+
+    def protocol_error(self, member: Member, exc: ProtocolError) -> list[Action]:
+        self.events.count("protocol_errors")
+        log.info("protocol error from pid %d: %s", member.identity.pid, exc)
+        return [Fail(member, m.Error("protocol", f"protocol error: {exc}"))]
+
+    def leave(self, member: Member, *, recheck_identity: bool) -> list[Action]:
+        """The member's connection is gone (or being closed): release all it holds."""
+        if member not in self.members:
+            return []
+        self.members.discard(member)
+        if member.parked:
+            for channel in self.channels.values():
+                channel.waiting = [(s, r) for s, r in channel.waiting if s is not member]
+            member.parked = False
+        actions: list[Action] = []
+        self._end_attachment(member, recheck_identity=recheck_identity, actions=actions)
+        return actions
+
+    # -- attachments -------------------------------------------------------------
+    def _attach(self, member: Member, request: m.Attach) -> list[Action]:
+        identity = member.identity
+        self.policy.authorize_attach(identity, request.channel, request.role)
+        if request.role == "consumer":
+            self._check_read_only_holds(identity, request.channel)
+        channel = self.channels.get(request.channel)
+        if channel is None:
+            channel = self._create_channel(member, request)
+        elif request.size is not None and request.size != channel.spec.size:
+            raise ChannelBusy(
+                f"channel {request.channel!r} exists with size {channel.spec.size}, not {request.size}; "
+                "attach without size= to use it as it is"
+            )
+        elif request.size is not None and (
+            request.ring != channel.spec.ring
+            or (request.max_message is not None and request.max_message != channel.spec.max_message)
+        ):
+            kind = f"a ring channel (max_message {channel.spec.max_message})" if channel.spec.ring else "a raw channel"
+            raise ChannelBusy(f"channel {request.channel!r} exists as {kind}; attach without size= to use it as it is")
+        actions: list[Action] = []
+        if channel.segment is None:
+            actions += self._new_segment(channel, member)
+        assert channel.segment is not None
+        if not channel.segment.ready:
+            # Its pages are still being reserved (a step per round): answer
+            # when they are; the driver reads nothing more from this peer.
+            member.parked = True
+            channel.waiting.append((member, request))
+            return actions
+        return actions + self._finish_attach(member, request, channel)
+
+    def _check_read_only_holds(self, identity: Identity, channel: str) -> None:
+        """Refuse a read-only consumer that could make its fds writable.
+
+        The segment and the ring's pages are owned by the broker's euid (the
+        fsuid that created them).  Mode 0 stops everyone else, but their
+        owner may fchmod its read-only fd and reopen /proc/self/fd/N
+        read-write: for a consumer of the broker's own uid, read-only would
+        be a promise the kernel does not keep.  Root is exempt (root can do
+        anything anyway); so is a peer the policy also lets produce on the
+        channel, for which read-only is no boundary.  A broker running as a
+        user of its own (the shipped units' `shmbroker`) never meets this."""
+        owner = self.euid
+        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
+            return
+        self.peer_event(
+            EventKind.PEER_REJECTED,
+            f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
+            pid=identity.pid, uid=identity.uid, channel=channel,
+        )
+        raise PermissionDenied(
+            f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
+            f"creates and could make a read-only one writable (fchmod, then reopen /proc/self/fd); its "
+            f"consumer-only rule for {channel!r} cannot be enforced.  Run the broker as a user of its own "
+            "(the shipped units use `shmbroker`) or this consumer as another uid"
+        )
+
+    def _finish_attach(self, member: Member, request: m.Attach, channel: Channel) -> list[Action]:
+        identity = member.identity
+        segment, ring = channel.segment, channel.ring
+        assert segment is not None
+        consumer = request.role == "consumer"
+        nfds = 1 + (0 if ring is None else len(CONSUMER_FD_NAMES if consumer else producer_fd_names()))
+        # Charged before anything changes, so a refusal leaves nothing behind.
+        charge = self.ledger.charge(member.uid, fds=nfds)
+        attachment_charge: Charge | None = None
+        try:
+            if ring is not None and consumer:
+                attachment_charge = self.ledger.charge(member.uid, fds=1)  # its cursor page
+            # Consumers of memfd channels get the read-only fd (see Segment):
+            # they cannot change the payload.  Ring consumers write only to the
+            # ring's control page and their own cursor page, memfds of their own
+            # (_ring/broker.py).
+            read_only = consumer and segment.readonly_fd >= 0
+            fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
+            if ring is not None:
+                if not consumer:
+                    other = ring.producer
+                    describe = f"pid {other.identity.pid}" if isinstance(other, Member) else "another peer"
+                    ring_fds, ring_names = ring.attach_producer(member, channel.name, describe)
+                else:
+                    slot, ring_fds, ring_names = ring.attach_consumer(member, channel.name)
+                fds, fd_names = fds + ring_fds, fd_names + ring_names
+        except BaseException:
+            charge.release()
+            if attachment_charge is not None:
+                attachment_charge.release()
+            if not channel.members and not channel.waiting:  # a segment made for this refused attach: wipe it now
+                self._release_segment(channel)
+            raise
+        channel.members.add(member)
+        member.channel, member.segment, member.role, member.ring = channel, segment, request.role, ring
+        member.attachment_charge = attachment_charge
+        member.attached_at = self._wall_clock()
+        self.events.count("attaches")
+        log.info(
+            "attached pid %d uid %d exe %s to channel %r as %s (size %d, generation %d)",
+            identity.pid, identity.uid, identity.exe_path, channel.name, request.role, segment.size, segment.generation,
+        )
+        reply = m.Attached(
+            channel=channel.name, role=request.role, size=segment.size,
+            generation=segment.generation, layout=LAYOUT_VERSION, fds=fd_names,
+            ring=ring is not None, slot=slot, start=None if ring is None or slot is None else ring.starts[slot],
+        )
+        return [Send(member, reply, tuple(fds), charge)]
+
+    def _cursor_pages(self, member: Member) -> list[Action]:
+        """The ring's producer asks for its consumers' cursor pages (docs/ring.md, "cursors").
+
+        Nobody else gets them: a consumer holding another's page could move
+        that cursor, which is the attack the pages exist to stop."""
+        ring = member.ring
+        if ring is None or member.channel is None:
+            raise PermissionDenied(
+                "permission denied: only the producer attached to a ring channel may fetch its consumers' cursor pages"
+            )
+        # RingState decides who its producer is (and refuses once closed).
+        slots, serials, fds = ring.cursor_pages(member, member.channel.name)
+        charge = self.ledger.charge(member.uid, fds=len(fds)) if fds else None
+        return [Send(member, m.CursorPages(slots=tuple(slots), serials=tuple(serials)), tuple(fds), charge)]
+
+    def _create_channel(self, member: Member, request: m.Attach) -> Channel:
+        identity = member.identity
+        if request.size is None:
+            raise ChannelNotFound(
+                f"channel {request.channel!r} does not exist; a producer creates it by attaching with size=N"
+            )
+        if not self.policy.may_create(identity, request.channel, request.role):
+            if request.role != "producer":
+                raise ChannelNotFound(
+                    f"channel {request.channel!r} does not exist and only producers may create channels"
+                )
+            raise PermissionDenied(
+                f"permission denied: uid {identity.uid} may not create channel {request.channel!r} "
+                "(no rule with create = true covers it)"
+            )
+        limits = self.limits
+        if request.size > limits.max_segment_size:
+            raise LimitExceeded(f"size {request.size} exceeds the broker's max_segment_size ({limits.max_segment_size})")
+        max_message = None
+        if request.ring:
+            try:
+                max_message = resolve_max_message(request.size, request.max_message)
+            except ValueError as exc:
+                raise LimitExceeded(f"cannot create ring channel {request.channel!r}: {exc}") from None
+        elif request.max_message is not None:
+            raise LimitExceeded("max_message applies to ring channels only; pass ring=True")
+        spec = ChannelSpec(name=request.channel, size=request.size, ring=request.ring, max_message=max_message)
+        channel = Channel(spec, configured=False)
+        self.channels[channel.name] = channel
+        log.info("uid %d created channel %r (%d bytes)", identity.uid, channel.name, request.size)
+        return channel
+
+    def _new_segment(self, channel: Channel, member: Member) -> list[Action]:
+        """A segment for ``channel``, charged to the uid whose attach makes it.
+
+        On-demand channels also count against that uid's segment and byte
+        quotas; configured ones are the operator's, so only their fds do."""
+        spec = channel.spec
+        amounts = {"fds": (2 if spec.backend == "memfd" else 1) + (RING_FDS if spec.ring else 0)}
+        if not channel.configured:
+            amounts.update(segments=1, bytes=spec.size)
+        try:
+            charge = self.ledger.charge(member.uid, **amounts)
+        except LimitExceeded:
+            self._forget_unused(channel)
+            raise
+        try:
+            segment = Segment.create(
+                spec.size, channel.generation + 1, backend=spec.backend,
+                flags=FLAG_RING if spec.ring else 0,
+                on_lease_failure=lambda: self.events.count("lease_failures"),
+            )
+            try:
+                if spec.ring:
+                    assert spec.max_message is not None
+                    channel.ring = RingState(spec.size, spec.max_message)
+                # The first step at once: most segments need no more.
+                segment.reserve()
+            except BaseException:
+                if channel.ring is not None:
+                    channel.ring.close()
+                    channel.ring = None
+                segment.close()
+                raise
+        except OSError as exc:
+            charge.release()
+            self._forget_unused(channel)
+            raise LimitExceeded(_no_room(channel, exc)) from None
+        except BaseException:
+            charge.release()
+            self._forget_unused(channel)
+            raise
+        self._segment_charges[segment] = charge
+        channel.generation = segment.generation
+        channel.segment = segment
+        self.events.count("segments_created")
+        if segment.ready:
+            return []
+        return [Schedule(charge.uid, lambda: self._reserve_step(channel, segment))]
+
+    def _reserve_step(self, channel: Channel, segment: Segment) -> tuple[bool, list[Action]]:
+        if channel.segment is not segment:
+            return True, []  # revoked meanwhile; the revocation told the waiters
+        try:
+            if not segment.reserve():
+                return False, []
+        except OSError as exc:
+            return True, self._segment_failed(channel, segment, exc)
+        actions: list[Action] = []
+        # One waiter at a time off the list, so a waiter whose attach fails
+        # does not release the segment under the ones still waiting.
+        while channel.waiting and channel.segment is segment:
+            member, request = channel.waiting.pop(0)
+            member.parked = False
+            actions += self.request(member, request)
+        if channel.segment is segment and not channel.members and not channel.waiting:
+            self._release_segment(channel, actions=actions)
+        return True, actions
+
+    def _segment_failed(self, channel: Channel, segment: Segment, exc: OSError) -> list[Action]:
+        """Reserving the pages failed (/dev/shm or memory full): refuse every waiter, keep serving."""
+        log.warning("could not reserve the pages of channel %r: %s", channel.name, exc.strerror or exc)
+        channel.segment = None
+        self._close_ring(channel)
+        segment.begin_wipe(free=True)  # never handed out; frees what was reserved
+        actions = self._dispose(segment)
+        actions += self._fail_waiters(channel, LimitExceeded(_no_room(channel, exc)))
+        self._forget_unused(channel)
+        return actions
+
+    def _fail_waiters(self, channel: Channel, error: ShmBrokerError) -> list[Action]:
+        waiting, channel.waiting = channel.waiting, []
+        actions: list[Action] = []
+        for member, _ in waiting:
+            member.parked = False
+            actions.append(Send(member, error_reply(error)))
+        return actions
+
+    def _end_attachment(self, member: Member, *, recheck_identity: bool, actions: list[Action]) -> str | None:
+        channel, segment = member.channel, member.segment
+        if channel is None:
+            return None
+        member.channel = member.segment = None
+        channel.members.discard(member)
+        channel.revoked_members.discard(member)
+        if member.ring is not None:
+            member.ring.detach(member)  # frees a consumer slot so it cannot stall the producer
+            member.ring = None
+        if member.attachment_charge is not None:
+            member.attachment_charge.release()
+            member.attachment_charge = None
+        self.events.count("detaches")
+        reason = None
+        if recheck_identity:
+            try:
+                reason = self.verifier.recheck(member.peer)
+            except Exception as exc:  # fail closed: what cannot be re-verified counts as changed
+                reason = f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
+        identity = member.identity
+        if reason is not None:
+            self.peer_event(EventKind.IDENTITY_CHANGED, reason, pid=identity.pid, uid=identity.uid, channel=channel.name)
+            if segment is not None and segment is channel.segment:
+                self._revoke(channel, actions=actions)
+        log.info("detached pid %d from channel %r", identity.pid, channel.name)
+        if not channel.members and not channel.waiting:
+            self._release_segment(channel, actions=actions)
+        elif member.role == "producer" and segment is channel.segment:
+            self._apply_liveness_rule(channel, actions)
+        return reason
+
+    def _apply_liveness_rule(self, channel: Channel, actions: list[Action]) -> None:
+        """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""
+        if channel.spec.wipe_when != "producer_gone" or channel.segment is None:
+            return
+        if any(s.role == "producer" for s in channel.members):
+            return
+        generation = channel.segment.generation
+        self._revoke(channel, actions=actions)
+        self.events.count("liveness_wipes")
+        log.info("last producer of channel %r left; wiped and revoked generation %d (wipe_when = producer_gone)", channel.name, generation)
+
+    # -- revocation and wipes ----------------------------------------------------
+    def _revoke(self, channel: Channel, *, actions: list[Action], at_once: bool = False) -> None:
+        """Wipe the channel's segment for everyone attached and stop handing it out.
+
+        The revoked word is set at once; wiping the rest is segment work done
+        in steps (at once at shutdown and on panic).  The segment, and a
+        posix segment's lease, is released only when the wipe is complete: an
+        opener blocked by the lease break sees nothing but zeros."""
+        segment = channel.segment
+        if segment is None:
+            return
+        channel.segment = None
+        # Members still attached may read their mapping: overwrite, so their
+        # reads need no new page; nobody attached: free the pages.
+        problem = segment.begin_wipe(free=not (channel.members and segment.ready))
+        # They stay connected, but no longer hold the channel: the next
+        # segment's last detach and wipe_when count only its own members.
+        channel.revoked_members |= channel.members
+        channel.members = set()
+        if problem is not None:
+            self.events.record(
+                EventKind.WIPE_FAILED, f"segment of channel {channel.name!r} (generation {segment.generation}): {problem}",
+                channel=channel.name,
+            )
+        self._close_ring(channel)
+        if channel.waiting:
+            actions += self._fail_waiters(channel, ChannelRevoked(
+                f"channel {channel.name!r} was revoked before its segment was ready; attach again"
+            ))
+        if segment.ready:
+            self.events.count("segments_wiped")
+        actions += self._dispose(segment, at_once=at_once)
+
+    def _dispose(self, segment: Segment, *, at_once: bool = False) -> list[Action]:
+        """Finish the wipe begun on ``segment`` in steps charged to its creator, then close it."""
+        charge = self._segment_charges.get(segment)
+        if at_once or charge is None or segment.length <= STEP_BYTES:
+            segment.wipe()
+            self._close_segment(segment)
+            return []
+        self._wiping[segment] = charge
+        return [Schedule(charge.uid, lambda: (self._wipe_step(segment), []))]
+
+    def _wipe_step(self, segment: Segment) -> bool:
+        if segment not in self._wiping:
+            return True  # finished at once meanwhile (panic, shutdown)
+        if not segment.wipe_step():
+            return False
+        del self._wiping[segment]
+        self._close_segment(segment)
+        return True
+
+    def finish_wipes(self) -> None:
+        """Complete every wipe in progress now (panic, shutdown)."""
+        for segment in list(self._wiping):
+            del self._wiping[segment]
+            segment.wipe()
+            self._close_segment(segment)
+
+    def _close_segment(self, segment: Segment) -> None:
+        segment.close()
+        charge = self._segment_charges.pop(segment, None)
+        if charge is not None:
+            charge.release()
+
+    def _close_ring(self, channel: Channel) -> None:
+        """After a wipe: sleepers learn of the revocation by their periodic re-check; close the eventfds."""
+        if channel.ring is not None:
+            channel.ring.close()
+            channel.ring = None
+
+    def _release_segment(self, channel: Channel, *, actions: list[Action] | None = None, at_once: bool = False) -> None:
+        """Nobody is attached any more: zeroize and free the memory."""
+        if channel.segment is not None:
+            self._revoke(channel, actions=actions if actions is not None else [], at_once=at_once)
+        self._forget_unused(channel)
+
+    def _forget_unused(self, channel: Channel) -> None:
+        """An on-demand channel with no segment and nobody attached (to any of
+        its generations) or waiting disappears; until then its generation
+        keeps counting, so a revoked peer and a newcomer never share one."""
+        if channel.configured or channel.members or channel.revoked_members or channel.waiting:
+            return
+        if channel.segment is not None:
+            return
+        if self.channels.get(channel.name) is channel:
+            del self.channels[channel.name]
+
+    def check_segments(self) -> list[Action]:
+        """Each tick, and at once on SIGIO: truncated posix segments and broken leases."""
+        actions: list[Action] = []
+        for channel in list(self.channels.values()):
+            segment = channel.segment
+            if segment is None:
+                continue
+            if segment.truncated():
+                # A peer ftruncate()d an unsealable (posix) segment.  The wipe
+                # restores the size, so peers that have not touched the
+                # mapping yet see a revoked segment instead of SIGBUS.
+                kind, detail = EventKind.SEGMENT_TRUNCATED, (
+                    "was truncated by a peer holding it; size restored, wiped and revoked "
+                    '(use backend = "memfd" to seal it)'
+                )
+            elif not segment.lease_intact():
+                # Someone open()ed the unlinked object (root through
+                # /proc/PID/fd/N).  The wipe comes before the lease is
+                # released: the opener's open() is blocked until then, so it sees zeros.
+                kind, detail = EventKind.LEASE_BROKEN, "was opened or truncated by another process; wiped and revoked"
+            else:
+                continue
+            self.events.record(
+                kind, f"segment of channel {channel.name!r} (generation {segment.generation}) {detail}",
+                channel=channel.name,
+            )
+            self._revoke(channel, actions=actions)
+        return actions
+
+    def refusal_summaries(self, now: float) -> None:
+        """One event per uid whose burst ran out in a window that ended."""
+        for uid, dropped in self.refusals.expired(now):
+            self.events.record(
+                EventKind.REFUSALS_SUPPRESSED,
+                f"uid {uid} caused {dropped} more refusal(s) or security event(s) in the last "
+                f"{self.limits.refusal_window:g}s, counted but not answered, logged or kept one by one "
+                "(refusals_per_uid_burst)",
+                uid=int(uid) if isinstance(uid, int) else None,
+            )
+
+    def panic(self) -> list[Action]:
+        """SIGUSR1: wipe and revoke every segment at once, and finish every wipe in progress."""
+        actions: list[Action] = []
+        wiped = 0
+        for channel in list(self.channels.values()):
+            if channel.segment is not None:
+                self._revoke(channel, actions=actions, at_once=True)
+                wiped += 1
+        self.finish_wipes()
+        self.events.record(EventKind.PANIC_WIPE, f"panic signal: wiped and revoked {wiped} segment(s)")
+        return actions
+
+    def shutdown(self) -> None:
+        """Wipe every segment now; the driver has closed every member already."""
+        for channel in list(self.channels.values()):
+            try:
+                self._release_segment(channel, at_once=True)
+            except Exception:
+                log.exception("could not wipe channel %r at shutdown; continuing", channel.name)
+        self.finish_wipes()
+
+    # -- status ----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        channels = []
+        for channel in sorted(self.channels.values(), key=lambda c: c.name):
+            peers = [
+                {
+                    "pid": s.identity.pid,
+                    "uid": s.identity.uid,
+                    "gid": s.identity.gid,
+                    "exe": s.identity.exe_path,
+                    "role": s.role,
+                    "generation": s.segment.generation if s.segment else None,
+                    "revoked": s in channel.revoked_members,
+                    "attached_at": s.attached_at,
+                }
+                for s in sorted(channel.members | channel.revoked_members, key=lambda s: s.attached_at or 0)
+            ]
+            channels.append(
+                {
+                    "name": channel.name,
+                    "size": channel.spec.size,
+                    "backend": channel.spec.backend,
+                    "ring": channel.spec.ring,
+                    "max_message": channel.spec.max_message,
+                    "configured": channel.configured,
+                    "generation": channel.generation,
+                    "live": channel.segment is not None,
+                    "peers": peers,
+                }
+            )
+        broker = dict(self._broker_info())
+        broker["fds_charged"] = self.ledger.total_used(Resource.FDS)
+        broker["fd_budget"] = self.ledger.total.get(Resource.FDS)
+        return {
+            "broker": broker,
+            "channels": channels,
+            "connections": len(self.members),
+            "counters": dict(sorted(self.events.counters.items())),
+            "security_events": [e.as_dict() for e in self.events.events],
+        }
+
+
+def _no_room(channel: Channel, exc: OSError) -> str:
+    where = "memory" if channel.spec.backend == "memfd" else "/dev/shm (or memory)"
+    return (
+        f"could not reserve {channel.spec.size} bytes for channel {channel.name!r}: {exc.strerror or exc}; "
+        f"{where} is full, try again later or use a smaller size"
+    )

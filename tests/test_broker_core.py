@@ -1,0 +1,266 @@
+"""The broker's sans-IO core, in-process: quotas, conflicts, parking,
+eviction, revocation and the wipe rules, decided without a socket.
+
+Segments and ring pages are real kernel objects (the core owns them); the
+peers are identities handed in, as the driver hands in verified ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from shmbroker._broker import core as c
+from shmbroker._broker.auth import VerifiedPeer
+from shmbroker._broker.config import BrokerConfig, ChannelSpec
+from shmbroker._broker.policy import Identity, Policy, Principals, Rule
+from shmbroker._broker.quota import Charge
+from shmbroker._wire import messages as m
+from shmbroker.limits import Limits
+
+EXE = (1, 2)
+_pids = itertools.count(1000)
+
+
+class FakeVerifier:
+    """Re-checks at detach by what the test says the peer now runs."""
+
+    def __init__(self) -> None:
+        self.changed: dict[int, str] = {}
+
+    def recheck(self, peer: VerifiedPeer) -> str | None:
+        return self.changed.get(peer.identity.pid)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_core(
+    *, rules: tuple[Rule, ...] | None = None, channels: dict[str, ChannelSpec] | None = None,
+    euid: int = 0, **limits: Any,
+) -> tuple[c.BrokerCore, FakeVerifier, Clock]:
+    rules = rules or (Rule(Principals(uids=frozenset({0, 1000, 2000})), None, create=True),)
+    config = BrokerConfig(
+        policy=Policy(rules=rules, status=Principals(uids=frozenset({0}))),
+        channels=dict(channels or {}), limits=Limits(**limits),
+    )
+    verifier, clock = FakeVerifier(), Clock()
+    core = c.BrokerCore(config, verifier=verifier, euid=euid, broker_info=lambda: {"pid": 1}, clock=clock)
+    return core, verifier, clock
+
+
+def join(core: c.BrokerCore, uid: int = 1000) -> c.Member:
+    charge = core.admit(0, uid, uid, ())
+    assert isinstance(charge, Charge), charge
+    peer = VerifiedPeer(Identity(next(_pids), uid, uid, (), EXE, "/usr/bin/peer"), -1, "test")
+    member, refusal, _ = core.join(peer, charge)
+    assert member is not None, refusal
+    return member
+
+
+def run(core: c.BrokerCore, actions: list[c.Action]) -> list[c.Action]:
+    """Carry out Schedule actions to completion, as the driver's scheduler would; return the rest."""
+    out: list[c.Action] = []
+    pending = list(actions)
+    while pending:
+        action = pending.pop(0)
+        if isinstance(action, c.Schedule):
+            done, more = False, []
+            while not done:
+                done, new = action.step()
+                more += new
+            pending += more
+        else:
+            out.append(action)
+    return out
+
+
+def attach(core: c.BrokerCore, member: c.Member, channel: str, role: str = "producer", **kw: Any) -> m.Message:
+    actions = run(core, core.request(member, m.Attach(channel=channel, role=role, **kw)))
+    sends = [a for a in actions if isinstance(a, c.Send) and a.member is member]
+    assert len(sends) == 1, actions
+    if sends[0].charge is not None:
+        sends[0].charge.release()  # the driver does once the peer read the fds
+    return sends[0].message
+
+
+def leave(core: c.BrokerCore, member: c.Member) -> list[c.Action]:
+    actions = run(core, core.leave(member, recheck_identity=True))
+    member.charge.release()
+    return actions
+
+
+def error_code(message: m.Message) -> str:
+    assert isinstance(message, m.Error), message
+    return message.code
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_cores(monkeypatch: pytest.MonkeyPatch) -> Any:
+    made: list[c.BrokerCore] = []
+    real_init = c.BrokerCore.__init__
+
+    def init(self: c.BrokerCore, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(c.BrokerCore, "__init__", init)
+    yield
+    for core in made:
+        core.shutdown()
+
+
+def test_an_attach_gets_its_segment_and_the_last_detach_wipes_it() -> None:
+    core, _, _ = make_core()
+    producer = join(core)
+    reply = attach(core, producer, "ch", size=4096)
+    assert isinstance(reply, m.Attached) and reply.generation == 1
+    segment = core.channels["ch"].segment
+    assert segment is not None and segment.ready
+    leave(core, producer)
+    assert segment.revoked and segment.fd < 0
+    assert "ch" not in core.channels  # created on demand, forgotten when empty
+
+
+def test_a_size_or_kind_mismatch_is_a_conflict() -> None:
+    core, _, _ = make_core()
+    first, second = join(core), join(core)
+    attach(core, first, "ch", size=4096)
+    assert error_code(attach(core, second, "ch", size=8192)) == "conflict"
+    assert error_code(attach(core, second, "ch", size=4096, ring=True)) == "conflict"
+
+
+def test_segment_and_byte_quotas_are_charged_to_the_creator_and_given_back() -> None:
+    core, _, _ = make_core(max_segments_per_uid=2, max_bytes_per_uid=3 * 4096)
+    members = [join(core) for _ in range(4)]
+    attach(core, members[0], "a", size=4096)
+    attach(core, members[1], "b", size=4096)
+    reply = attach(core, members[2], "c", size=4096)
+    assert error_code(reply) == "limit" and "max_segments_per_uid" in reply.message  # type: ignore[attr-defined]
+    other = join(core, uid=2000)  # another uid's quota is its own
+    assert isinstance(attach(core, other, "c", size=4096), m.Attached)
+    leave(core, members[0])
+    assert isinstance(attach(core, members[3], "d", size=4096), m.Attached)
+
+
+def test_fds_are_charged_per_uid() -> None:
+    core, _, _ = make_core(max_fds_per_uid=20)
+    held = []
+    with pytest.raises(AssertionError):
+        for i in range(10):
+            member = join(core)
+            held.append(member)
+            reply = attach(core, member, f"r{i}", size=65536, ring=True)
+            assert isinstance(reply, m.Attached), reply
+    assert "max_fds_per_uid" in reply.message  # type: ignore[attr-defined]
+    assert isinstance(core.admit(0, 2000, 2000, ()), Charge)  # another uid is untouched
+
+
+def test_a_big_segment_parks_the_attach_until_its_pages_are_reserved() -> None:
+    core, _, _ = make_core()
+    producer = join(core)
+    actions = core.request(producer, m.Attach(channel="big", role="producer", size=8 << 20))
+    assert producer.parked and [type(a) for a in actions] == [c.Schedule]
+    waiting = join(core)
+    assert core.request(waiting, m.Attach(channel="big", role="consumer")) == [] and waiting.parked
+    replies = run(core, actions)
+    assert {a.member for a in replies if isinstance(a, c.Send) and isinstance(a.message, m.Attached)} == {producer, waiting}
+    assert not producer.parked and not waiting.parked
+
+
+def test_the_greediest_uids_oldest_handshake_is_evicted() -> None:
+    core, _, clock = make_core(max_incomplete_connections=3)
+    mine = join(core, uid=2000)
+    theirs = []
+    for _ in range(2):
+        clock.now += 1
+        theirs.append(join(core))
+    charge = core.admit(0, 2000, 2000, ())
+    assert isinstance(charge, Charge)
+    peer = VerifiedPeer(Identity(next(_pids), 2000, 2000, (), EXE, "/x"), -1, "test")
+    _, _, evicted = core.join(peer, charge)
+    assert [a.member for a in evicted if isinstance(a, c.Fail)] == [theirs[0]]
+    assert mine not in [a.member for a in evicted if isinstance(a, c.Fail)]
+
+
+def test_handshakes_expire_but_attached_members_do_not() -> None:
+    core, _, clock = make_core(handshake_timeout=5.0)
+    idle, attached = join(core), join(core)
+    attach(core, attached, "ch", size=4096)
+    clock.now += 6
+    assert [a.member for a in core.expired(clock.now)] == [idle]
+
+
+def test_an_identity_change_at_detach_revokes_the_segment_for_everyone() -> None:
+    core, verifier, _ = make_core()
+    producer, consumer = join(core), join(core)
+    attach(core, producer, "ch", size=4096)
+    attach(core, consumer, "ch", role="consumer")
+    segment = core.channels["ch"].segment
+    verifier.changed[producer.identity.pid] = "now runs /tmp/evil"
+    leave(core, producer)
+    assert segment is not None and segment.revoked
+    assert consumer in core.channels["ch"].revoked_members
+    assert [e.kind.value for e in core.events.events] == ["identity_changed"]
+
+
+def test_a_member_left_on_a_revoked_segment_does_not_keep_the_next_one() -> None:
+    core, _, _ = make_core(channels={"ch": ChannelSpec(name="ch", size=4096, wipe_when="producer_gone")})
+    stale = join(core)
+    attach(core, stale, "ch")
+    run(core, core.panic())
+    producer, consumer = join(core), join(core)
+    attach(core, producer, "ch")
+    attach(core, consumer, "ch", role="consumer")
+    second = core.channels["ch"].segment
+    assert second is not None and second.generation == 2
+    leave(core, producer)  # the last producer of generation 2
+    assert second.revoked, "the stale producer kept the liveness rule from firing"
+
+
+def test_a_consumer_of_the_brokers_own_uid_needs_the_producer_role_too() -> None:
+    consumer_only = Rule(Principals(uids=frozenset({1000})), None, roles=frozenset({"consumer"}))
+    producer = Rule(Principals(uids=frozenset({2000})), None, create=True)
+    core, _, _ = make_core(rules=(producer, consumer_only), euid=1000)
+    attach(core, join(core, uid=2000), "ch", size=4096)
+    reply = attach(core, join(core, uid=1000), "ch", role="consumer")
+    assert error_code(reply) == "permission_denied" and "broker's own uid" in reply.message  # type: ignore[attr-defined]
+
+
+def test_only_the_rings_producer_gets_the_cursor_pages() -> None:
+    core, _, _ = make_core()
+    producer, consumer = join(core), join(core)
+    attach(core, producer, "ring", size=65536, ring=True)
+    attach(core, consumer, "ring", role="consumer")
+    (reply,) = core.request(consumer, m.Cursors())
+    assert isinstance(reply, c.Send) and error_code(reply.message) == "permission_denied"
+    (pages,) = core.request(producer, m.Cursors())
+    assert isinstance(pages, c.Send) and isinstance(pages.message, m.CursorPages) and len(pages.fds) == 1
+    assert pages.charge is not None
+    pages.charge.release()
+
+
+def test_a_uid_no_rule_names_is_answered_within_its_burst_then_dropped() -> None:
+    core, _, clock = make_core(refusals_per_uid_burst=3, refusal_window=10.0)
+    outcomes = [core.admit(0, 4242, 4242, ()) for _ in range(5)]
+    assert [type(o).__name__ for o in outcomes] == ["Error"] * 3 + ["NoneType"] * 2
+    clock.now += 11
+    core.refusal_summaries(clock.now)
+    kinds = [e.kind.value for e in core.events.events]
+    assert kinds == ["peer_rejected"] * 3 + ["refusals_suppressed"]
+    assert isinstance(core.admit(0, 4242, 4242, ()), m.Error)  # a new window, a new burst
+
+
+def test_a_hand_over_is_an_event_and_a_failure() -> None:
+    core, _, _ = make_core()
+    member = join(core)
+    (action,) = core.handed_over(member, 4321)
+    assert isinstance(action, c.Fail) and action.error.code == "permission_denied"
+    assert core.events.events[-1].kind.value == "identity_changed" and "pid 4321" in core.events.events[-1].detail

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from . import __version__, errors
+from ._logging import FORMATS as LOG_FORMATS
 from ._logging import configure as configure_logging
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="syscall allowlist once serving: enforce (kill the broker on anything else), trap (same, "
         "printing the Python stack that made the call), log (allow, kernel logs it); default: off",
     )
-    serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text",
+        help="stderr log format: text, json (one object per line; security events carry pid, uid, gid, exe, "
+        "channel, role and rule as keys), or journal (text without the time journald adds; chosen by itself "
+        "when JOURNAL_STREAM says stderr is the journal) (default: text)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
     status = sub.add_parser("status", help="show channels, peers, counters and security events", description="Ask a running broker for its status.")
@@ -110,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _serve_configured(args)
+    except errors.ShmBrokerError as exc:
+        if args.log_format != "json":
+            raise  # main() prints it as `shmbroker: MESSAGE`
+        # A log pipeline reading JSON gets the fatal error as JSON too.
+        log.critical("%s", exc, extra={"fields": {"error": type(exc).__name__}})
+        return 2 if isinstance(exc, errors.ConfigError) else 1
+
+
+def _serve_configured(args: argparse.Namespace) -> int:
     from ._broker.config import ChannelSpec, default_config, load_config
     from ._ring.layout import resolve_max_message
     from ._broker.driver import Broker
@@ -118,7 +136,6 @@ def _serve(args: argparse.Namespace) -> int:
     from ._sys import sdlisten
     from ._sys.sdnotify import Notifier
 
-    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     config = load_config(args.config) if args.config else default_config()
     for name, size, ring in args.channel:
         if size > config.limits.max_segment_size:

@@ -83,4 +83,7 @@ def test_a_consumer_of_the_brokers_own_uid_cannot_forge_a_read_only_segment(shor
     assert payload == SECRET, f"the consumer rewrote the payload ({outcome})"
     assert outcome == "refused", (outcome, detail)
     assert "broker's own uid" in detail and "shmbroker" in detail, detail
-    assert any(e["kind"] == "peer_rejected" and e["uid"] == NOBODY for e in status["security_events"])
+    assert any(
+        e["kind"] == "request_refused" and e["uid"] == NOBODY and e["channel"] == "secret" and e["role"] == "consumer"
+        for e in status["security_events"]
+    )

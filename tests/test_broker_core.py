@@ -264,3 +264,83 @@ def test_a_hand_over_is_an_event_and_a_failure() -> None:
     (action,) = core.handed_over(member, 4321)
     assert isinstance(action, c.Fail) and action.error.code == "permission_denied"
     assert core.events.events[-1].kind.value == "identity_changed" and "pid 4321" in core.events.events[-1].detail
+
+
+# -- every refusal is a security event, with who asked for what ------------------
+def _refusals() -> dict[str, Any]:
+    """name -> (core kwargs, act(core) -> None, expected kind, expected fields)."""
+    only_consume = Rule(Principals(uids=frozenset({1000})), None, channels=("ro",), roles=frozenset({"consumer"}))
+    no_create = Rule(Principals(uids=frozenset({1000})), None, channels=("*",), create=False)
+
+    def attach_as(channel: str, role: str, **kw: Any) -> Any:
+        return lambda core: core.request(join(core), m.Attach(channel=channel, role=role, **kw))
+
+    return {
+        "uid no rule names": (
+            {}, lambda core: core.admit(7, 4242, 4243, ()), "peer_rejected", {"pid": 7, "uid": 4242},
+        ),
+        "connection quota": (
+            {"max_connections_per_uid": 1},
+            lambda core: (join(core), core.admit(8, 1000, 1000, ())), "peer_rejected", {"pid": 8, "uid": 1000, "gid": 1000},
+        ),
+        "role not allowed": (
+            {"rules": (only_consume,)}, attach_as("ro", "producer", size=4096), "request_refused",
+            {"uid": 1000, "channel": "ro", "role": "producer", "rule": 0, "exe": "/usr/bin/peer"},
+        ),
+        "channel not allowed": (
+            {"rules": (only_consume,)}, attach_as("other", "consumer"), "request_refused",
+            {"channel": "other", "role": "consumer", "rule": 0},
+        ),
+        "create not allowed": (
+            {"rules": (no_create,)}, attach_as("new", "producer", size=4096), "request_refused",
+            {"channel": "new", "role": "producer", "rule": 0},
+        ),
+        "size limit": (
+            {"max_segment_size": 8192}, attach_as("big", "producer", size=1 << 20), "request_refused",
+            {"channel": "big", "role": "producer"},
+        ),
+        "status not allowed": (
+            {}, lambda core: core.request(join(core), m.StatusRequest()), "request_refused", {"uid": 1000},
+        ),
+        "protocol error": (
+            {}, lambda core: core.protocol_error(join(core), c.ProtocolError("garbage")), "request_refused", {"uid": 1000},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_refusals()))
+def test_every_refusal_is_a_security_event_with_its_fields(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    kwargs, act, kind, fields = _refusals()[case]
+    core, _, _ = make_core(**kwargs)
+    with caplog.at_level("WARNING", logger="shmbroker._broker.events"):
+        act(core)
+    event = core.events.events[-1].as_dict()
+    assert event["kind"] == kind
+    assert {k: event[k] for k in fields} == fields
+    assert core.status()["counters"][kind] == 1
+    (record,) = [r for r in caplog.records if getattr(r, "event", None) == kind]
+    assert record.levelname == "WARNING"
+    assert {k: record.fields[k] for k in fields} == fields  # type: ignore[attr-defined]
+
+
+def test_json_logs_carry_an_events_fields_as_keys() -> None:
+    import json
+    import logging
+
+    from shmbroker._broker.events import EventKind, EventLog, Who
+    from shmbroker._logging import JsonFormatter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("shmbroker._broker.events")
+    logger.addHandler(handler)
+    try:
+        EventLog().record(EventKind.REQUEST_REFUSED, "attach: no", who=Who(pid=5, uid=6, gid=7, exe="/x", channel="c", role="consumer", rule=1))
+    finally:
+        logger.removeHandler(handler)
+    entry = json.loads(JsonFormatter().format(records[0]))
+    assert entry["event"] == "request_refused"
+    assert {k: entry[k] for k in ("pid", "uid", "gid", "exe", "channel", "role", "rule")} == {
+        "pid": 5, "uid": 6, "gid": 7, "exe": "/x", "channel": "c", "role": "consumer", "rule": 1,
+    }

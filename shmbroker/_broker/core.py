@@ -40,7 +40,7 @@ from ..errors import (
 )
 from .auth import VerifiedPeer
 from .config import BrokerConfig, ChannelSpec
-from .events import EventKind, EventLog
+from .events import EventKind, EventLog, Who
 from .policy import Identity
 from .quota import Charge, Ledger, Resource
 from .ratelimit import RateLimiter
@@ -99,6 +99,13 @@ class Member:
     @property
     def attached(self) -> bool:
         return self.channel is not None
+
+    def who(self, *, channel: str | None = None, role: str | None = None, rule: int | None = None) -> Who:
+        identity = self.identity
+        return Who(
+            pid=identity.pid, uid=identity.uid, gid=identity.gid, exe=identity.exe_path,
+            channel=channel or (self.channel.name if self.channel else None), role=role or self.role, rule=rule,
+        )
 
 
 class Channel:
@@ -220,11 +227,12 @@ class BrokerCore:
         try:
             return self.ledger.charge(uid, connections=1, fds=SESSION_FDS)
         except LimitExceeded as exc:
+            self.peer_event(EventKind.PEER_REJECTED, str(exc), who=Who(pid=pid, uid=uid, gid=gid))
             return m.Error("limit", str(exc))
 
-    def reject(self, reason: str, pid: int | None, uid: int | None) -> m.Error:
+    def reject(self, reason: str, pid: int | None, uid: int | None, *, who: Who | None = None) -> m.Error:
         """A peer refused at admission: the event (within its uid's burst) and the answer."""
-        self.peer_event(EventKind.PEER_REJECTED, reason, pid=pid, uid=uid)
+        self.peer_event(EventKind.PEER_REJECTED, reason, who=who or Who(pid=pid, uid=uid))
         return m.Error("permission_denied", reason if reason.startswith("permission denied") else f"permission denied: {reason}")
 
     def join(self, peer: VerifiedPeer, charge: Charge) -> tuple[Member | None, m.Error | None, list[Action]]:
@@ -236,7 +244,9 @@ class BrokerCore:
             if not isinstance(exc, PermissionDenied):
                 log.exception("policy check failed unexpectedly")
                 exc = PermissionDenied(f"policy check failed ({type(exc).__name__})")
-            return None, self.reject(str(exc), peer.identity.pid, peer.identity.uid), []
+            identity = peer.identity
+            who = Who(pid=identity.pid, uid=identity.uid, gid=identity.gid, exe=identity.exe_path)
+            return None, self.reject(str(exc), identity.pid, identity.uid, who=who), []
         actions = self._make_room_for_handshake()
         member = Member(peer, charge, self._clock())
         self.members.add(member)
@@ -264,11 +274,12 @@ class BrokerCore:
             victim = min((s for s in incomplete if s.uid == greediest), key=lambda s: s.accepted_at)
             incomplete.remove(victim)
             self.events.count("handshakes_evicted")
-            log.info(
-                "%d handshakes in flight (max_incomplete_connections); dropped the oldest one, pid %d of uid %d",
-                len(incomplete) + 1, victim.identity.pid, victim.uid,
+            reason = "too many connections are still in their handshake; dropped the oldest"
+            self.peer_event(
+                EventKind.REQUEST_REFUSED,
+                f"{len(incomplete) + 1} handshakes in flight (max_incomplete_connections): {reason}", who=victim.who(),
             )
-            actions.append(Fail(victim, m.Error("limit", "too many connections are still in their handshake; dropped the oldest")))
+            actions.append(Fail(victim, m.Error("limit", reason)))
         return actions
 
     def expired(self, now: float) -> list[Action]:
@@ -277,8 +288,9 @@ class BrokerCore:
         actions: list[Action] = []
         for member in [s for s in self.members if not s.attached and not s.parked and now - s.accepted_at >= deadline]:
             self.events.count("handshake_timeouts")
-            log.info("pid %d did not finish its handshake within %.1fs; dropped", member.identity.pid, deadline)
-            actions.append(Fail(member, m.Error("timeout", f"handshake not finished within {deadline:g}s")))
+            reason = f"handshake not finished within {deadline:g}s"
+            self.peer_event(EventKind.REQUEST_REFUSED, f"{reason} (handshake_timeout)", who=member.who())
+            actions.append(Fail(member, m.Error("timeout", reason)))
         return actions
 
     def next_deadline(self) -> float | None:
@@ -286,12 +298,11 @@ class BrokerCore:
         pending = [s.accepted_at for s in self.members if not s.attached and not s.parked]
         return min(pending) + self.limits.handshake_timeout if pending else None
 
-    def peer_event(
-        self, kind: EventKind, detail: str, *, pid: int | None, uid: int | None, channel: str | None = None
-    ) -> None:
-        """Record an event a peer caused, within its uid's burst; past it, only count it."""
-        if uid is None or self.refusals.allow(uid, self._clock()):
-            self.events.record(kind, detail, pid=pid, uid=uid, channel=channel)
+    def peer_event(self, kind: EventKind, detail: str, *, who: Who) -> None:
+        """Record an event a peer caused (logged at warning), within its uid's
+        burst; past it, only count it."""
+        if who.uid is None or self.refusals.allow(who.uid, self._clock()):
+            self.events.record(kind, detail, who=who)
         else:
             self.events.count(kind.value)
             self.events.count("events_suppressed")
@@ -302,6 +313,13 @@ class BrokerCore:
         try:
             return self._handle(member, message)
         except ShmBrokerError as exc:
+            # Every refusal is audited, with who asked for what.
+            channel = getattr(message, "channel", None)
+            role = getattr(message, "role", None)
+            self.peer_event(
+                EventKind.REQUEST_REFUSED, f"{message.TYPE}: {exc}",
+                who=member.who(channel=channel, role=role, rule=self.policy.rule_of(member.identity)),
+            )
             return [Send(member, error_reply(exc))]
         except Exception as exc:  # never let one client's request kill the broker
             log.exception("internal error handling %s from pid %d", message.TYPE, member.identity.pid)
@@ -338,7 +356,7 @@ class BrokerCore:
             EventKind.IDENTITY_CHANGED,
             f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
             "the socket was handed to another process; the connection was closed",
-            pid=identity.pid, uid=identity.uid, channel=member.channel.name if member.channel else None,
+            who=member.who(),
         )
         return [Fail(member, m.Error(
             "permission_denied",
@@ -348,7 +366,7 @@ class BrokerCore:
 
     def protocol_error(self, member: Member, exc: ProtocolError) -> list[Action]:
         self.events.count("protocol_errors")
-        log.info("protocol error from pid %d: %s", member.identity.pid, exc)
+        self.peer_event(EventKind.REQUEST_REFUSED, f"protocol error: {exc}", who=member.who())
         return [Fail(member, m.Error("protocol", f"protocol error: {exc}"))]
 
     def leave(self, member: Member, *, recheck_identity: bool) -> list[Action]:
@@ -410,11 +428,6 @@ class BrokerCore:
         owner = self.euid
         if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
             return
-        self.peer_event(
-            EventKind.PEER_REJECTED,
-            f"uid {identity.uid} asked to consume {channel!r} read-only, but it is the broker's own uid",
-            pid=identity.pid, uid=identity.uid, channel=channel,
-        )
         raise PermissionDenied(
             f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
             f"creates and could make a read-only one writable (fchmod, then reopen /proc/self/fd); its "
@@ -626,7 +639,7 @@ class BrokerCore:
                 reason = f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
         identity = member.identity
         if reason is not None:
-            self.peer_event(EventKind.IDENTITY_CHANGED, reason, pid=identity.pid, uid=identity.uid, channel=channel.name)
+            self.peer_event(EventKind.IDENTITY_CHANGED, reason, who=member.who(channel=channel.name, role=member.role))
             if segment is not None and segment is channel.segment:
                 self._revoke(channel, actions=actions)
         log.info("detached pid %d from channel %r", identity.pid, channel.name)

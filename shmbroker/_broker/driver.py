@@ -502,8 +502,8 @@ class Broker:
         if fds or flags & socket.MSG_CTRUNC:
             fdpass.close_all(fds)
             self.core.events.count("fd_violations")
-            log.warning("pid %d sent %d file descriptor(s); closed them and dropped the client", session.pid, len(fds))
-            self._fail(session, m.Error("protocol", "clients may not send file descriptors"))
+            violation = ProtocolError(f"clients may not send file descriptors (sent {len(fds)}; closed them)")
+            self._apply(self.core.protocol_error(session.member, violation))
             return
         try:
             session.conn.receive_data(data)

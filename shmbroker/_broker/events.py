@@ -31,6 +31,22 @@ class EventKind(str, enum.Enum):
     # A uid kept being refused past its burst; later refusals of that uid are
     # counted, not logged one by one (ratelimit.py).
     REFUSALS_SUPPRESSED = "refusals_suppressed"
+    # A verified peer's request (or its connection) refused: by policy
+    # (channel, role, create, status), by a limit, or for breaking the protocol.
+    REQUEST_REFUSED = "request_refused"
+
+
+@dataclasses.dataclass(frozen=True)
+class Who:
+    """The structured fields of an event about a peer, as far as they are known."""
+
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    exe: str | None = None  # for humans: identity is (st_dev, st_ino)
+    channel: str | None = None
+    role: str | None = None
+    rule: int | None = None  # index of the policy rule that decided, where one did
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +57,10 @@ class SecurityEvent:
     uid: int | None
     detail: str
     channel: str | None = None
+    gid: int | None = None
+    exe: str | None = None
+    role: str | None = None
+    rule: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -52,7 +72,9 @@ class SecurityEvent:
 # the broker rate-limits them per uid.  The others (a lease broken, a
 # segment truncated or not wiped, a panic) are kept apart, so no flood of a
 # peer's events can push them out of `status`.
-PEER_KINDS = frozenset({EventKind.PEER_REJECTED, EventKind.IDENTITY_CHANGED, EventKind.REFUSALS_SUPPRESSED})
+PEER_KINDS = frozenset({
+    EventKind.PEER_REJECTED, EventKind.REQUEST_REFUSED, EventKind.IDENTITY_CHANGED, EventKind.REFUSALS_SUPPRESSED,
+})
 
 
 class EventLog:
@@ -70,18 +92,26 @@ class EventLog:
         self.counters[name] += n
 
     def record(
-        self, kind: EventKind, detail: str, *, pid: int | None = None, uid: int | None = None, channel: str | None = None
+        self, kind: EventKind, detail: str, *, pid: int | None = None, uid: int | None = None,
+        channel: str | None = None, who: Who | None = None,
     ) -> SecurityEvent:
+        who = who or Who()
+        fields = {
+            "pid": who.pid if pid is None else pid,
+            "uid": who.uid if uid is None else uid,
+            "channel": who.channel if channel is None else channel,
+            "gid": who.gid, "exe": who.exe, "role": who.role, "rule": who.rule,
+        }
         name = kind.value if isinstance(kind, EventKind) else str(kind)
         if not isinstance(kind, EventKind):
             # Only a bug gets here (the type says EventKind).  Bookkeeping
             # must never take the broker down: keep the event and say so.
             log.error("undeclared security event kind %r", name)
-        event = SecurityEvent(kind=kind, time=time.time(), pid=pid, uid=uid, detail=detail, channel=channel)
+        event = SecurityEvent(kind=kind, time=time.time(), detail=detail, **fields)
         (self._peer_events if kind in PEER_KINDS else self._segment_events).append(event)
         self.counters[name] += 1
         log.warning(
             "security event %s: %s", name, detail,
-            extra={"event": name, "fields": {"pid": pid, "uid": uid, "channel": channel}},
+            extra={"event": name, "fields": {k: v for k, v in fields.items() if v is not None}},
         )
         return event

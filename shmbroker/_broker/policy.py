@@ -158,6 +158,10 @@ class Policy:
             f"permission denied: no rule allows {role}s on channel {channel!r}"
         )
 
+    def rule_of(self, identity: Identity) -> int | None:
+        """Index of the first rule naming this peer (uid/groups and executable), for audit records."""
+        return next((i for i, r in enumerate(self.rules) if r.matches_peer(identity)), None)
+
     def permits(self, identity: Identity, channel: str, role: str) -> bool:
         """Whether some rule lets this peer attach to ``channel`` as ``role``."""
         return any(r.matches_peer(identity) and r.covers(channel, role) for r in self.rules)

@@ -30,19 +30,6 @@ MAX_REPLY_FRAME = 16 * 1024 * 1024
 # courtesy (the broker also notices the socket closing), so keep it short.
 DETACH_TIMEOUT = 1.0
 
-_ERRORS: dict[str, type[errors.ShmBrokerError]] = {
-    "protocol": errors.ProtocolError,
-    "version": errors.ProtocolError,
-    "permission_denied": errors.PermissionDenied,
-    "not_found": errors.ChannelNotFound,
-    "busy": errors.ChannelBusy,
-    "conflict": errors.ChannelBusy,
-    "limit": errors.LimitExceeded,
-    "timeout": errors.Timeout,
-    "revoked": errors.ChannelRevoked,
-    "shutdown": errors.BrokerUnavailable,
-    "internal": errors.ShmBrokerError,
-}
 
 
 def _no_broker(path: str) -> errors.BrokerUnavailable:
@@ -211,7 +198,7 @@ class _Link:
             if event is not NEED_DATA:
                 assert isinstance(event, m.Message)
                 if isinstance(event, m.Error):
-                    raise _ERRORS.get(event.code, errors.ShmBrokerError)(event.message)
+                    raise errors.for_code(event.code)(event.message)
                 return event
             self._fill()
 

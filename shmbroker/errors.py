@@ -6,6 +6,10 @@ errors reach end users through applications that just print them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from ._wire.vocabulary import ErrorCode
+
 __all__ = [
     "ShmBrokerError",
     "BrokerUnavailable",
@@ -27,7 +31,12 @@ __all__ = [
 
 
 class ShmBrokerError(Exception):
-    """Base class of every error shmbroker raises on purpose."""
+    """Base class of every error shmbroker raises on purpose.
+
+    ``code`` is the wire error code the broker sends for it (docs/protocol.md);
+    errors that only ever arise in the client keep the base class's."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
 
 
 class BrokerUnavailable(ShmBrokerError, ConnectionError):
@@ -55,25 +64,37 @@ class ConfigError(ShmBrokerError):
 class ProtocolError(ShmBrokerError):
     """A peer sent something the wire protocol does not allow."""
 
+    code = ErrorCode.PROTOCOL
+
 
 class PermissionDenied(ShmBrokerError, PermissionError):
     """The broker's policy refused this peer or this request."""
+
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class ChannelNotFound(ShmBrokerError, LookupError):
     """The channel does not exist and this request may not create it."""
 
+    code = ErrorCode.NOT_FOUND
+
 
 class ChannelBusy(ShmBrokerError):
     """The channel exists with other parameters, or cannot take another peer in this role."""
+
+    code = ErrorCode.CONFLICT
 
 
 class LimitExceeded(ShmBrokerError):
     """A configured limit (connections, segments, bytes, frame size) was hit."""
 
+    code = ErrorCode.LIMIT
+
 
 class Timeout(ShmBrokerError, TimeoutError):
     """An operation did not finish within its timeout."""
+
+    code = ErrorCode.TIMEOUT
 
 
 class SegmentError(ShmBrokerError):
@@ -88,6 +109,8 @@ class ChannelRevoked(ShmBrokerError):
     segment (a new generation) if the policy still allows it.
     """
 
+    code = ErrorCode.REVOKED
+
 
 class MessageTooLarge(ShmBrokerError, ValueError):
     """A message is larger than the channel's maximum message size."""
@@ -99,3 +122,15 @@ class Full(ShmBrokerError):
 
 class Empty(ShmBrokerError):
     """No message arrived within the receive timeout."""
+
+
+def for_code(code: str) -> type[ShmBrokerError]:
+    """The exception class for a wire error code (ShmBrokerError for one it does not know)."""
+    return _BY_CODE.get(code, ShmBrokerError)
+
+
+# The classes the broker sends as error replies: one per code.
+_BY_CODE: dict[str, type[ShmBrokerError]] = {
+    cls.code.value: cls
+    for cls in (ProtocolError, PermissionDenied, ChannelNotFound, ChannelBusy, LimitExceeded, Timeout, ChannelRevoked)
+}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shmbroker._wire import messages as m
-from shmbroker._wire.connection import CLOSED, NEED_DATA, Connection, Side, State
+from shmbroker._wire.connection import CLOSED, NEED_DATA, PAUSED, Connection, Side, State
 from shmbroker._wire.frames import FrameDecoder, encode_frame
 from shmbroker.errors import ProtocolError
 
@@ -197,8 +197,9 @@ def test_one_attach_per_connection_and_requests_wait_for_replies() -> None:
     attach = encode_frame(m.encode(m.Attach("a", "producer", 10)), MAX)
     conn.receive_data(encode_frame(m.encode(m.Hello()), MAX) + attach + attach)
     assert isinstance(conn.next_event(), m.Hello)
-    # Paused until the hello is answered: no request is surfaced early.
-    assert conn.next_event() is NEED_DATA
+    # Paused until the hello is answered: no request is surfaced early, and
+    # the pause is not mistaken for a need of more bytes.
+    assert conn.next_event() is PAUSED
     conn.send(m.Welcome(1, 1))
     assert isinstance(conn.next_event(), m.Attach)
     conn.send(m.Attached("a", "producer", 10, 1, 1, ("segment",)))
@@ -229,3 +230,15 @@ def test_client_refuses_a_reply_that_answers_another_request() -> None:
 def test_broker_cannot_send_a_reply_to_nothing() -> None:
     with pytest.raises(ValueError):
         broker_conn().send(m.Welcome(1, 1))
+
+
+def test_a_reply_that_does_not_fit_leaves_the_connection_failed() -> None:
+    conn = broker_conn()
+    conn.receive_data(encode_frame(m.encode(m.Hello()), MAX))
+    assert isinstance(conn.next_event(), m.Hello)
+    with pytest.raises(ValueError, match="does not answer hello"):
+        conn.send(m.Detached())
+    assert conn.state is State.ERROR
+    with pytest.raises(ValueError, match="already failed"):
+        conn.send(m.Welcome(1, 1))
+    conn.send(m.Error("protocol", "only an error may follow"))

@@ -22,7 +22,8 @@ from helpers import mapping_permissions
 from shmbroker import ShmClient, errors
 from shmbroker._layout import LAYOUT_VERSION
 from shmbroker._ring import layout as L
-from shmbroker._ring.broker import CONSUMER_FD_NAMES, create_control, create_cursor, create_index
+from shmbroker._ring.broker import create_control, create_cursor, create_index
+from shmbroker._ring.layout import CONSUMER_FD_NAMES
 from shmbroker._ring.client import check_page, take_cursor_pages, take_ring_fds
 from shmbroker._sys import eventfd, fdpass, memfd
 from shmbroker._wire import messages as m

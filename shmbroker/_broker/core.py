@@ -26,9 +26,11 @@ from typing import Any, Protocol
 
 from .._layout import FLAG_RING, LAYOUT_VERSION
 from .._ring import layout as ring_layout
-from .._ring.broker import CONSUMER_FD_NAMES, RingState, producer_fd_names
+from .._ring.broker import RingState
+from .._ring.layout import CONSUMER_FD_NAMES, producer_fd_names
 from .._ring.layout import resolve_max_message
 from .._wire import messages as m
+from .._wire.vocabulary import Role
 from ..errors import (
     ChannelBusy,
     ChannelNotFound,
@@ -37,6 +39,7 @@ from ..errors import (
     PermissionDenied,
     ProtocolError,
     ShmBrokerError,
+    Timeout,
 )
 from .auth import VerifiedPeer
 from .config import BrokerConfig, ChannelSpec
@@ -55,18 +58,10 @@ RING_FDS = 4 + ring_layout.MAX_CONSUMERS
 # A member's own fds, held by the driver: its socket and the pidfd pinning its peer.
 SESSION_FDS = 2
 
-_ERROR_CODES: dict[type[ShmBrokerError], str] = {
-    PermissionDenied: "permission_denied",
-    ChannelNotFound: "not_found",
-    ChannelBusy: "conflict",
-    LimitExceeded: "limit",
-    ProtocolError: "protocol",
-    ChannelRevoked: "revoked",
-}
 
 
 def error_reply(exc: ShmBrokerError) -> m.Error:
-    return m.Error(_ERROR_CODES.get(type(exc), "internal"), str(exc))
+    return m.Error(exc.code.value, str(exc))
 
 
 class Rechecker(Protocol):
@@ -228,12 +223,12 @@ class BrokerCore:
             return self.ledger.charge(uid, connections=1, fds=SESSION_FDS)
         except LimitExceeded as exc:
             self.peer_event(EventKind.PEER_REJECTED, str(exc), who=Who(pid=pid, uid=uid, gid=gid))
-            return m.Error("limit", str(exc))
+            return error_reply(exc)
 
     def reject(self, reason: str, pid: int | None, uid: int | None, *, who: Who | None = None) -> m.Error:
         """A peer refused at admission: the event (within its uid's burst) and the answer."""
         self.peer_event(EventKind.PEER_REJECTED, reason, who=who or Who(pid=pid, uid=uid))
-        return m.Error("permission_denied", reason if reason.startswith("permission denied") else f"permission denied: {reason}")
+        return error_reply(PermissionDenied(reason if reason.startswith("permission denied") else f"permission denied: {reason}"))
 
     def join(self, peer: VerifiedPeer, charge: Charge) -> tuple[Member | None, m.Error | None, list[Action]]:
         """A verified peer: a member, or the error to refuse it with; and the
@@ -279,7 +274,7 @@ class BrokerCore:
                 EventKind.REQUEST_REFUSED,
                 f"{len(incomplete) + 1} handshakes in flight (max_incomplete_connections): {reason}", who=victim.who(),
             )
-            actions.append(Fail(victim, m.Error("limit", reason)))
+            actions.append(Fail(victim, error_reply(LimitExceeded(reason))))
         return actions
 
     def expired(self, now: float) -> list[Action]:
@@ -290,7 +285,7 @@ class BrokerCore:
             self.events.count("handshake_timeouts")
             reason = f"handshake not finished within {deadline:g}s"
             self.peer_event(EventKind.REQUEST_REFUSED, f"{reason} (handshake_timeout)", who=member.who())
-            actions.append(Fail(member, m.Error("timeout", reason)))
+            actions.append(Fail(member, error_reply(Timeout(reason))))
         return actions
 
     def next_deadline(self) -> float | None:
@@ -323,7 +318,7 @@ class BrokerCore:
             return [Send(member, error_reply(exc))]
         except Exception as exc:  # never let one client's request kill the broker
             log.exception("internal error handling %s from pid %d", message.TYPE, member.identity.pid)
-            return [Send(member, m.Error("internal", f"internal broker error ({type(exc).__name__}); see the broker log"))]
+            return [Send(member, error_reply(ShmBrokerError(f"internal broker error ({type(exc).__name__}); see the broker log")))]
 
     def _handle(self, member: Member, message: m.Message) -> list[Action]:
         if isinstance(message, m.Hello):
@@ -358,16 +353,15 @@ class BrokerCore:
             "the socket was handed to another process; the connection was closed",
             who=member.who(),
         )
-        return [Fail(member, m.Error(
-            "permission_denied",
+        return [Fail(member, error_reply(PermissionDenied(
             f"permission denied: this connection was verified for pid {identity.pid}, not for the process "
-            "writing on it; connect anew",
-        ))]
+            "writing on it; connect anew"
+        )))]
 
     def protocol_error(self, member: Member, exc: ProtocolError) -> list[Action]:
         self.events.count("protocol_errors")
         self.peer_event(EventKind.REQUEST_REFUSED, f"protocol error: {exc}", who=member.who())
-        return [Fail(member, m.Error("protocol", f"protocol error: {exc}"))]
+        return [Fail(member, error_reply(ProtocolError(f"protocol error: {exc}")))]
 
     def leave(self, member: Member, *, recheck_identity: bool) -> list[Action]:
         """The member's connection is gone (or being closed): release all it holds."""
@@ -386,7 +380,7 @@ class BrokerCore:
     def _attach(self, member: Member, request: m.Attach) -> list[Action]:
         identity = member.identity
         self.policy.authorize_attach(identity, request.channel, request.role)
-        if request.role == "consumer":
+        if request.role == Role.CONSUMER:
             self._check_read_only_holds(identity, request.channel)
         channel = self.channels.get(request.channel)
         if channel is None:
@@ -426,7 +420,7 @@ class BrokerCore:
         channel, for which read-only is no boundary.  A broker running as a
         user of its own (the shipped units' `shmbroker`) never meets this."""
         owner = self.euid
-        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
+        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, Role.PRODUCER):
             return
         raise PermissionDenied(
             f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
@@ -439,7 +433,7 @@ class BrokerCore:
         identity = member.identity
         segment, ring = channel.segment, channel.ring
         assert segment is not None
-        consumer = request.role == "consumer"
+        consumer = request.role == Role.CONSUMER
         nfds = 1 + (0 if ring is None else len(CONSUMER_FD_NAMES if consumer else producer_fd_names()))
         # Charged before anything changes, so a refusal leaves nothing behind.
         charge = self.ledger.charge(member.uid, fds=nfds)
@@ -506,7 +500,7 @@ class BrokerCore:
                 f"channel {request.channel!r} does not exist; a producer creates it by attaching with size=N"
             )
         if not self.policy.may_create(identity, request.channel, request.role):
-            if request.role != "producer":
+            if request.role != Role.PRODUCER:
                 raise ChannelNotFound(
                     f"channel {request.channel!r} does not exist and only producers may create channels"
                 )
@@ -645,7 +639,7 @@ class BrokerCore:
         log.info("detached pid %d from channel %r", identity.pid, channel.name)
         if not channel.members and not channel.waiting:
             self._release_segment(channel, actions=actions)
-        elif member.role == "producer" and segment is channel.segment:
+        elif member.role == Role.PRODUCER and segment is channel.segment:
             self._apply_liveness_rule(channel, actions)
         return reason
 
@@ -653,7 +647,7 @@ class BrokerCore:
         """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""
         if channel.spec.wipe_when != "producer_gone" or channel.segment is None:
             return
-        if any(s.role == "producer" for s in channel.members):
+        if any(s.role == Role.PRODUCER for s in channel.members):
             return
         generation = channel.segment.generation
         self._revoke(channel, actions=actions)

@@ -49,12 +49,12 @@ from .._sys.peercred import peer_credentials, peer_groups
 from .._sys.sdnotify import Notifier
 from .._sys.sockqueue import unread_bytes
 from .._wire import messages as m
-from .._wire.connection import CLOSED, NEED_DATA, Connection, Side
-from ..errors import ProtocolError
+from .._wire.connection import CLOSED, NEED_DATA, PAUSED, Connection, Side
+from ..errors import LimitExceeded, ProtocolError
 from . import auth
 from .auth import AuthError, Verifier
 from .config import BrokerConfig, check_broker_user
-from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Schedule, Send
+from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Schedule, Send, error_reply
 from .listener import LISTEN_BACKLOG, Listener
 from .outbox import Outbox, duplicate
 from .quota import Charge, Resource
@@ -562,6 +562,10 @@ class Broker:
             session.queued = False
             self._apply(self.core.protocol_error(session.member, exc))
             return False
+        if event is PAUSED:  # its last request is still being answered (parked)
+            session.queued = False
+            self._settle(session)
+            return False
         if event is NEED_DATA:
             session.queued = False
             session.input = False
@@ -650,7 +654,7 @@ class Broker:
             if action.charge is not None:
                 action.charge.release()
             log.warning("could not queue a %s reply for pid %d: %s", action.message.TYPE, session.pid, exc)
-            self._fail(session, m.Error("limit", f"the broker could not answer ({exc}); try again later"))
+            self._fail(session, error_reply(LimitExceeded(f"the broker could not answer ({exc}); try again later")))
             return
         session.outbox.put_owned(frame, copies)
         if action.charge is not None:

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import time
 from typing import Any
+
+from .._wire.vocabulary import EventKind
+
+__all__ = ["EventKind", "EventLog", "SecurityEvent", "Who"]
 
 log = logging.getLogger(__name__)
 
 # Status shows recent events; older ones live in the log.  Bounded so a
 # flood of rejected connections cannot grow the broker's memory.
 MAX_KEPT_EVENTS = 256
-
-
-class EventKind(str, enum.Enum):
-    """Every kind of security event, declared once.
-
-    ``record`` takes only members of this enum, so a kind that is not
-    declared here is a type error, never a crash of the serving broker."""
-
-    PEER_REJECTED = "peer_rejected"
-    LEASE_BROKEN = "lease_broken"
-    IDENTITY_CHANGED = "identity_changed"
-    PANIC_WIPE = "panic_wipe"
-    SEGMENT_TRUNCATED = "segment_truncated"
-    WIPE_FAILED = "wipe_failed"
-    # A uid kept being refused past its burst; later refusals of that uid are
-    # counted, not logged one by one (ratelimit.py).
-    REFUSALS_SUPPRESSED = "refusals_suppressed"
-    # A verified peer's request (or its connection) refused: by policy
-    # (channel, role, create, status), by a limit, or for breaking the protocol.
-    REQUEST_REFUSED = "request_refused"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,10 @@ import dataclasses
 import fnmatch
 import os
 
+from .._wire.vocabulary import Role
 from ..errors import PermissionDenied
 
-ROLES = frozenset({"producer", "consumer"})
+ROLES = frozenset(role.value for role in Role)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Policy:
         return any(r.matches_peer(identity) and r.covers(channel, role) for r in self.rules)
 
     def may_create(self, identity: Identity, channel: str, role: str) -> bool:
-        return role == "producer" and any(
+        return role == Role.PRODUCER and any(
             r.create and r.matches_peer(identity) and r.covers(channel, role) for r in self.rules
         )
 

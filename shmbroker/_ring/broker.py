@@ -23,28 +23,10 @@ import os
 from .._sys import eventfd, fdpass, memfd
 from ..errors import ChannelBusy, PermissionDenied
 from . import layout as L
+from .layout import CONSUMER_FD_NAMES, producer_fd_names
 from .ring import MAX_INDEX
 
 log = logging.getLogger(__name__)
-
-# Names of the fds in the Attached message, in SCM_RIGHTS order after "segment".
-CONTROL_FD = "ring.control"
-INDEX_FD = "ring.index"
-CURSOR_FD = "ring.cursor"
-PRODUCER_FD = "ring.producer"
-CONSUMER_FD = "ring.consumer"
-
-
-def consumer_fd_name(slot: int) -> str:
-    return f"{CONSUMER_FD}{slot}"
-
-
-def producer_fd_names() -> tuple[str, ...]:
-    return (CONTROL_FD, INDEX_FD, PRODUCER_FD, *(consumer_fd_name(k) for k in range(L.MAX_CONSUMERS)))
-
-
-CONSUMER_FD_NAMES = (CONTROL_FD, INDEX_FD, CURSOR_FD, CONSUMER_FD, PRODUCER_FD)
-
 
 def _create_page(name: str, image: bytes, *, readonly_fd: bool) -> tuple[int, int]:
     """A fresh memfd holding ``image``, mode 0, sealed at its size; with

@@ -14,7 +14,7 @@ from .._sys import fdpass, memfd
 from .._sys.mapping import Mapping
 from .._wire import messages as m
 from . import layout as L
-from .broker import CONSUMER_FD_NAMES, producer_fd_names
+from .layout import CONSUMER_FD_NAMES, producer_fd_names
 from .ring import FetchedCursors
 
 log = logging.getLogger(__name__)

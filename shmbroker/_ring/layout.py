@@ -212,3 +212,23 @@ def resolve_max_message(payload_size: int, requested: int | None) -> int:
 # the little-endian layout only on little-endian hosts.
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("shmbroker's message ring supports little-endian hosts only")
+
+
+# Names of the fds in the Attached message, in SCM_RIGHTS order after
+# "segment": part of the protocol, which broker and client both speak.
+CONTROL_FD = "ring.control"
+INDEX_FD = "ring.index"
+CURSOR_FD = "ring.cursor"
+PRODUCER_FD = "ring.producer"
+CONSUMER_FD = "ring.consumer"
+
+
+def consumer_fd_name(slot: int) -> str:
+    return f"{CONSUMER_FD}{slot}"
+
+
+def producer_fd_names() -> tuple[str, ...]:
+    return (CONTROL_FD, INDEX_FD, PRODUCER_FD, *(consumer_fd_name(k) for k in range(MAX_CONSUMERS)))
+
+
+CONSUMER_FD_NAMES = (CONTROL_FD, INDEX_FD, CURSOR_FD, CONSUMER_FD, PRODUCER_FD)

@@ -3,8 +3,11 @@
 The broker end enforces the conversation: ``hello`` first, at most one
 ``attach`` per connection, ``detach`` only when attached, and one request in
 flight at a time (the next request is not surfaced until the previous one
-got its reply, so a client pipelining requests cannot make the broker queue
-work).  The client end checks that each reply answers the request it sent.
+got its reply: :data:`PAUSED`, so a client pipelining requests cannot make
+the broker queue work).  The client end checks that each reply answers the
+request it sent.  Which request may come in which state, and where its
+reply leads, is data (:data:`_TRANSITIONS`); any failure, on either side,
+leaves the connection in ``ERROR`` for good, as in h11.
 """
 
 from __future__ import annotations
@@ -30,18 +33,20 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-class _NeedData:
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
     def __repr__(self) -> str:
-        return "NEED_DATA"
+        return self._name
 
 
-class _Closed:
-    def __repr__(self) -> str:
-        return "CLOSED"
-
-
-NEED_DATA = _NeedData()
-CLOSED = _Closed()
+# What next_event() returns when it has no message: more bytes are needed;
+# the peer closed cleanly; or (broker end) a request is buffered but waits
+# until the current one is answered.
+NEED_DATA = _Sentinel("NEED_DATA")
+CLOSED = _Sentinel("CLOSED")
+PAUSED = _Sentinel("PAUSED")
 
 _REPLIES_TO: dict[type[m.Message], tuple[type[m.Message], ...]] = {
     m.Hello: (m.Welcome, m.Error),
@@ -49,6 +54,24 @@ _REPLIES_TO: dict[type[m.Message], tuple[type[m.Message], ...]] = {
     m.Detach: (m.Detached, m.Error),
     m.StatusRequest: (m.StatusReply, m.Error),
     m.Cursors: (m.CursorPages, m.Error),
+}
+
+# (state, request) -> the state a successful reply leads to.  A request not
+# listed for a state is a protocol error, worded by _WRONG_STATE; an error
+# reply leaves the state as it was, except to hello (ERROR).
+_TRANSITIONS: dict[tuple[State, type[m.Message]], State] = {
+    (State.AWAIT_HELLO, m.Hello): State.READY,
+    (State.READY, m.Attach): State.ATTACHED,
+    (State.READY, m.StatusRequest): State.READY,
+    (State.ATTACHED, m.Detach): State.DONE,
+    (State.ATTACHED, m.StatusRequest): State.ATTACHED,
+    (State.ATTACHED, m.Cursors): State.ATTACHED,
+}
+_WRONG_STATE: dict[type[m.Message], str] = {
+    m.Hello: "hello sent twice",
+    m.Attach: "only one attach per connection; open a new connection",
+    m.Detach: "detach without an attachment",
+    m.Cursors: "cursors without an attachment (only a ring's producer may ask)",
 }
 
 
@@ -81,11 +104,11 @@ class Connection:
         """A whole request is buffered and would be surfaced by :meth:`next_event` now."""
         return not (self.side is Side.BROKER and self._pending) and self._decoder.has_frame()
 
-    def next_event(self) -> m.Message | _NeedData | _Closed:
+    def next_event(self) -> m.Message | _Sentinel:
         if self.state is State.ERROR:
             raise ProtocolError("connection already failed")
         if self.side is Side.BROKER and self._pending:
-            return NEED_DATA  # paused until the current request is answered
+            return PAUSED  # until the current request is answered
         try:
             body = self._decoder.next_frame()
             if body is None:
@@ -109,25 +132,17 @@ class Connection:
 
     def _accept_request(self, message: m.Message) -> None:
         kind = type(message)
-        if self.state is State.AWAIT_HELLO:
-            if kind is not m.Hello:
+        if (self.state, kind) not in _TRANSITIONS:
+            if self.state is State.AWAIT_HELLO:
                 raise ProtocolError(f"expected hello first, got {message.TYPE}")
-            assert isinstance(message, m.Hello)
-            if message.version != m.PROTOCOL_VERSION:
-                raise ProtocolError(
-                    f"unsupported protocol version {message.version}; this broker speaks "
-                    f"version {m.PROTOCOL_VERSION}: upgrade shmbroker on one side"
-                )
-        elif kind is m.Hello:
-            raise ProtocolError("hello sent twice")
-        elif kind is m.Attach and self.state is not State.READY:
-            raise ProtocolError("only one attach per connection; open a new connection")
-        elif kind is m.Detach and self.state is not State.ATTACHED:
-            raise ProtocolError("detach without an attachment")
-        elif kind is m.Cursors and self.state is not State.ATTACHED:
-            raise ProtocolError("cursors without an attachment (only a ring's producer may ask)")
-        elif self.state is State.DONE:
-            raise ProtocolError(f"{message.TYPE} after detach")
+            if self.state is State.DONE:
+                raise ProtocolError(f"{message.TYPE} after detach")
+            raise ProtocolError(_WRONG_STATE.get(kind, f"{message.TYPE} is not allowed now"))
+        if isinstance(message, m.Hello) and message.version != m.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"unsupported protocol version {message.version}; this broker speaks "
+                f"version {m.PROTOCOL_VERSION}: upgrade shmbroker on one side"
+            )
         self._pending.append(kind)
 
     def _accept_reply(self, message: m.Message) -> None:
@@ -147,22 +162,31 @@ class Connection:
 
     # -- sending -----------------------------------------------------------
     def send(self, message: m.Message) -> bytes:
-        """Encode a message for the wire, checking that it fits the conversation."""
-        if self.side is Side.CLIENT:
-            if type(message) not in m.REQUESTS.values():
-                raise ValueError(f"a client cannot send {message.TYPE}")
-            self._pending.append(type(message))
-        else:
-            if type(message) not in m.REPLIES.values():
-                raise ValueError(f"a broker cannot send {message.TYPE}")
-            if self._pending:
-                request = self._pending.popleft()
-                if type(message) not in _REPLIES_TO[request]:
-                    raise ValueError(f"{message.TYPE} does not answer {request.TYPE}")
-                self._advance(request, message)
-            elif not isinstance(message, m.Error):
-                raise ValueError(f"{message.TYPE} answers no request")
-        return encode_frame(m.encode(message), self._max_frame_size_for(message))
+        """Encode a message for the wire, checking that it fits the conversation.
+
+        A message that does not fit raises ValueError and leaves the
+        connection in ERROR: only error replies may follow."""
+        try:
+            if self.state is State.ERROR and not isinstance(message, m.Error):
+                raise ValueError(f"cannot send {message.TYPE}: the connection already failed")
+            if self.side is Side.CLIENT:
+                if type(message) not in m.REQUESTS.values():
+                    raise ValueError(f"a client cannot send {message.TYPE}")
+                self._pending.append(type(message))
+            else:
+                if type(message) not in m.REPLIES.values():
+                    raise ValueError(f"a broker cannot send {message.TYPE}")
+                if self._pending:
+                    request = self._pending.popleft()
+                    if type(message) not in _REPLIES_TO[request]:
+                        raise ValueError(f"{message.TYPE} does not answer {request.TYPE}")
+                    self._advance(request, message)
+                elif not isinstance(message, m.Error):
+                    raise ValueError(f"{message.TYPE} answers no request")
+            return encode_frame(m.encode(message), self._max_frame_size_for(message))
+        except ValueError:
+            self.state = State.ERROR
+            raise
 
     def _max_frame_size_for(self, message: m.Message) -> int:
         # Status replies grow with the number of peers; the client accepts
@@ -174,9 +198,4 @@ class Connection:
             if request is m.Hello:
                 self.state = State.ERROR
             return
-        if request is m.Hello:
-            self.state = State.READY
-        elif request is m.Attach:
-            self.state = State.ATTACHED
-        elif request is m.Detach:
-            self.state = State.DONE
+        self.state = _TRANSITIONS.get((self.state, request), self.state)

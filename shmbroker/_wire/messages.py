@@ -16,10 +16,11 @@ from typing import Any, ClassVar
 import msgpack
 
 from ..errors import ProtocolError
+from .vocabulary import ErrorCode, Role
 
 PROTOCOL_NAME = "shmbroker"
 PROTOCOL_VERSION = 1
-ROLES = ("producer", "consumer")
+ROLES = tuple(role.value for role in Role)
 # Same spirit as D-Bus name rules: short, printable, no path separators, so a
 # name is safe in logs, file names and status output.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -124,26 +125,14 @@ class StatusReply(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Error(Message):
-    """A refusal; ``code`` is one of ERROR_CODES and maps to an exception class."""
+    """A refusal; ``code`` is an ErrorCode value and maps to an exception class (errors.for_code)."""
 
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
 
 
-ERROR_CODES = (
-    "protocol",  # malformed or out-of-order message; the connection closes
-    "version",  # unsupported protocol version
-    "permission_denied",
-    "not_found",
-    "busy",
-    "conflict",  # the channel exists with other parameters
-    "limit",
-    "timeout",
-    "revoked",
-    "shutdown",
-    "internal",
-)
+ERROR_CODES = tuple(code.value for code in ErrorCode)
 
 REQUESTS: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Attach, Detach, StatusRequest, Cursors)}
 REPLIES: dict[str, type[Message]] = {

@@ -24,16 +24,6 @@ EXE = (1, 2)
 _pids = itertools.count(1000)
 
 
-class FakeVerifier:
-    """Re-checks at detach by what the test says the peer now runs."""
-
-    def __init__(self) -> None:
-        self.changed: dict[int, str] = {}
-
-    def recheck(self, peer: VerifiedPeer) -> str | None:
-        return self.changed.get(peer.identity.pid)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -45,15 +35,17 @@ class Clock:
 def make_core(
     *, rules: tuple[Rule, ...] | None = None, channels: dict[str, ChannelSpec] | None = None,
     euid: int = 0, **limits: Any,
-) -> tuple[c.BrokerCore, FakeVerifier, Clock]:
+) -> tuple[c.BrokerCore, dict[int, str], Clock]:
     rules = rules or (Rule(Principals(uids=frozenset({0, 1000, 2000})), None, create=True),)
     config = BrokerConfig(
         policy=Policy(rules=rules, status=Principals(uids=frozenset({0}))),
         channels=dict(channels or {}), limits=Limits(**limits),
     )
-    verifier, clock = FakeVerifier(), Clock()
-    core = c.BrokerCore(config, verifier=verifier, euid=euid, broker_info=lambda: {"pid": 1}, clock=clock)
-    return core, verifier, clock
+    changed: dict[int, str] = {}  # pid -> what it runs now, for the re-check at detach
+    clock = Clock()
+    core = c.BrokerCore(config, euid=euid, broker_info=lambda: {"pid": 1}, clock=clock)
+    core.changed = changed  # type: ignore[attr-defined]
+    return core, changed, clock
 
 
 def join(core: c.BrokerCore, uid: int = 1000) -> c.Member:
@@ -66,7 +58,8 @@ def join(core: c.BrokerCore, uid: int = 1000) -> c.Member:
 
 
 def run(core: c.BrokerCore, actions: list[c.Action]) -> list[c.Action]:
-    """Carry out Schedule actions to completion, as the driver's scheduler would; return the rest."""
+    """Carry out Schedule and Recheck actions as the driver would (the
+    re-check answers from the test's ``changed`` table); return the rest."""
     out: list[c.Action] = []
     pending = list(actions)
     while pending:
@@ -77,6 +70,8 @@ def run(core: c.BrokerCore, actions: list[c.Action]) -> list[c.Action]:
                 done, new = action.step()
                 more += new
             pending += more
+        elif isinstance(action, c.Recheck):
+            pending += core.rechecked(action, core.changed.get(action.member.identity.pid))  # type: ignore[attr-defined]
         else:
             out.append(action)
     return out
@@ -199,12 +194,12 @@ def test_handshakes_expire_but_attached_members_do_not() -> None:
 
 
 def test_an_identity_change_at_detach_revokes_the_segment_for_everyone() -> None:
-    core, verifier, _ = make_core()
+    core, changed, _ = make_core()
     producer, consumer = join(core), join(core)
     attach(core, producer, "ch", size=4096)
     attach(core, consumer, "ch", role="consumer")
     segment = core.channels["ch"].segment
-    verifier.changed[producer.identity.pid] = "now runs /tmp/evil"
+    changed[producer.identity.pid] = "now runs /tmp/evil"
     leave(core, producer)
     assert segment is not None and segment.revoked
     assert consumer in core.channels["ch"].revoked_members

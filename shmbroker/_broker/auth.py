@@ -39,6 +39,10 @@ after_credentials_hook: Callable[[int], None] | None = None
 
 # (st_dev, st_ino, path) of /proc/PID/exe.
 StatExe = Callable[[int], tuple[int, int, str]]
+# The same stat as a value: the tuple, or the OSError it failed with.  Lets
+# the broker ask the exe inspector and go on serving others while it
+# answers (driver.py).
+StatResult = tuple[int, int, str] | OSError
 
 
 class AuthError(Exception):
@@ -84,13 +88,22 @@ class Verifier:
     def recheck(self, peer: VerifiedPeer) -> str | None:
         return recheck(peer, stat_exe=self.stat_exe)
 
+    def stat_now(self, pid: int) -> StatResult:
+        """The stat as a value (an OSError is one), as begin/finish pairs take it."""
+        try:
+            return self.stat_exe(pid)
+        except OSError as exc:
+            return exc
+
 
 _DEFAULT = Verifier()
 
 
-def _exe_identity(pid: int, stat_exe: StatExe = _DEFAULT.stat_exe) -> tuple[tuple[int, int], str]:
+def _exe_identity(pid: int, stat: StatResult) -> tuple[tuple[int, int], str]:
     try:
-        dev, ino, path = stat_exe(pid)
+        if isinstance(stat, OSError):
+            raise stat
+        dev, ino, path = stat
     except InspectorError as exc:
         raise AuthError(f"peer pid {pid} cannot be verified: {exc.strerror}") from None
     except (PermissionError, OSError) as exc:
@@ -129,10 +142,25 @@ def _exe_path(pid: int) -> str:
         return "?"
 
 
-def verify_peer(
-    sock: socket.socket, credentials: tuple[int, int, int] | None = None, *, stat_exe: StatExe = _DEFAULT.stat_exe,
-) -> VerifiedPeer:
-    """Verify the peer of ``sock``; ``credentials`` is SO_PEERCRED if already read."""
+class Probe:
+    """A peer being verified: its credentials read and its process pinned by
+    a pidfd, the stat of its executable still to come."""
+
+    __slots__ = ("pid", "uid", "gid", "groups", "pidfd", "source")
+
+    def __init__(self, pid: int, uid: int, gid: int, groups: tuple[int, ...], pidfd_fd: int, source: str) -> None:
+        self.pid, self.uid, self.gid, self.groups = pid, uid, gid, groups
+        self.pidfd = pidfd_fd
+        self.source = source
+
+    def abandon(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def begin_verify(sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> Probe:
+    """Pin the peer of ``sock`` (``credentials``: SO_PEERCRED if already read); raises AuthError."""
     pid, uid, gid = credentials or peercred.peer_credentials(sock)
     if pid <= 0:
         # 0 means the peer's pid is not visible in our pid namespace.
@@ -155,19 +183,54 @@ def verify_peer(
         groups = peercred.peer_groups(sock)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
-        exe, exe_path = _exe_identity(pid, stat_exe)
-        # Only now do we know the stat above described the connecting process
-        # (one check after the stat covers a peer that was already gone too).
-        if pidfd.pidfd_pid(pfd) != pid:
-            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
     except BaseException:
         os.close(pfd)
         raise
-    return VerifiedPeer(Identity(pid, uid, gid, groups, exe, exe_path), pfd, source)
+    return Probe(pid, uid, gid, groups, pfd, source)
+
+
+def finish_verify(probe: Probe, stat: StatResult) -> VerifiedPeer:
+    """The peer, once its executable's stat is in; raises AuthError (and lets go of the pidfd)."""
+    pid = probe.pid
+    try:
+        exe, exe_path = _exe_identity(pid, stat)
+        # Only now do we know the stat above described the connecting process
+        # (one check after the stat covers a peer that was already gone too).
+        if pidfd.pidfd_pid(probe.pidfd) != pid:
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
+    except BaseException:
+        probe.abandon()
+        raise
+    peer = VerifiedPeer(Identity(pid, probe.uid, probe.gid, probe.groups, exe, exe_path), probe.pidfd, probe.source)
+    probe.pidfd = -1  # the peer owns it now
+    return peer
+
+
+def verify_peer(
+    sock: socket.socket, credentials: tuple[int, int, int] | None = None, *, stat_exe: StatExe = _DEFAULT.stat_exe,
+) -> VerifiedPeer:
+    """Verify the peer of ``sock`` in one go; ``credentials`` is SO_PEERCRED if already read."""
+    probe = begin_verify(sock, credentials)
+    try:
+        stat: StatResult = stat_exe(probe.pid)
+    except OSError as exc:
+        stat = exc
+    return finish_verify(probe, stat)
 
 
 def recheck(peer: VerifiedPeer, *, stat_exe: StatExe = _DEFAULT.stat_exe) -> str | None:
-    """Re-verify at session end; return why the identity changed, or None.
+    """Re-verify at session end in one go; see :func:`recheck_result`."""
+    if peer.pidfd < 0:
+        return None
+    try:
+        stat: StatResult = stat_exe(peer.identity.pid)
+    except OSError as exc:
+        stat = exc
+    return recheck_result(peer, stat)
+
+
+def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
+    """Why the identity changed, given its executable's stat now, or None.
 
     A peer that has exited cannot be re-verified and is not an incident: most
     sessions end because the process exits.  A live peer whose executable is
@@ -176,18 +239,17 @@ def recheck(peer: VerifiedPeer, *, stat_exe: StatExe = _DEFAULT.stat_exe) -> str
     pid = peer.identity.pid
     if peer.pidfd < 0:
         return None
-    try:
-        dev, ino, now_path = stat_exe(pid)
-        now = (dev, ino)
-    except OSError as exc:
+    if isinstance(stat, OSError):
         if pidfd.pidfd_pid(peer.pidfd) != pid:
             return None
-        if exc.errno == errno.ENOENT:
+        if stat.errno == errno.ENOENT:
             # A zombie has no mm, so no exe: it is exiting, not changing --
             # unless threads live on without their leader, which we can no
             # longer verify (fail closed).
             return _LEADER_EXITED.format(pid=pid) if _leader_exited(pid) else None
-        return f"executable of pid {pid} can no longer be verified ({exc.strerror})"
+        return f"executable of pid {pid} can no longer be verified ({stat.strerror})"
+    dev, ino, now_path = stat
+    now = (dev, ino)
     if pidfd.pidfd_pid(peer.pidfd) != pid:
         return None
     if now != peer.identity.exe:

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from .._layout import FLAG_RING, LAYOUT_VERSION
 from .._ring import layout as ring_layout
@@ -62,10 +62,6 @@ SESSION_FDS = 2
 
 def error_reply(exc: ShmBrokerError) -> m.Error:
     return m.Error(exc.code.value, str(exc))
-
-
-class Rechecker(Protocol):
-    def recheck(self, peer: VerifiedPeer) -> str | None: ...
 
 
 class Member:
@@ -164,7 +160,17 @@ class Schedule:
     step: Step
 
 
-Action = Send | Fail | Close | Schedule
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recheck:
+    """Re-verify the executable of a member that has left (its pidfd still
+    open) and report to :meth:`BrokerCore.rechecked`, with what it held."""
+
+    member: Member
+    channel: Channel
+    segment: Segment | None
+
+
+Action = Send | Fail | Close | Schedule | Recheck
 
 
 class BrokerCore:
@@ -172,7 +178,6 @@ class BrokerCore:
         self,
         config: BrokerConfig,
         *,
-        verifier: Rechecker,
         euid: int,
         broker_info: Callable[[], dict[str, Any]] = dict,
         clock: Callable[[], float] = time.monotonic,
@@ -181,7 +186,6 @@ class BrokerCore:
         self.config = config
         self.policy = config.policy
         self.limits = limits = config.limits
-        self.verifier = verifier
         self.euid = euid  # owns every segment and page this broker creates
         self._broker_info = broker_info
         self._clock = clock
@@ -327,9 +331,7 @@ class BrokerCore:
             return self._attach(member, message)
         if isinstance(message, m.Detach):
             actions: list[Action] = []
-            reason = self._end_attachment(member, recheck_identity=True, actions=actions)
-            if reason:
-                log.info("pid %d detached after an identity change", member.identity.pid)
+            self._end_attachment(member, recheck_identity=True, actions=actions)
             return [*actions, Send(member, m.Detached()), Close(member)]
         if isinstance(message, m.StatusRequest):
             if not self.policy.may_query_status(member.identity):
@@ -611,7 +613,7 @@ class BrokerCore:
             actions.append(Send(member, error_reply(error)))
         return actions
 
-    def _end_attachment(self, member: Member, *, recheck_identity: bool, actions: list[Action]) -> str | None:
+    def _end_attachment(self, member: Member, *, recheck_identity: bool, actions: list[Action]) -> None:
         channel, segment = member.channel, member.segment
         if channel is None:
             return None
@@ -625,23 +627,29 @@ class BrokerCore:
             member.attachment_charge.release()
             member.attachment_charge = None
         self.events.count("detaches")
-        reason = None
         if recheck_identity:
-            try:
-                reason = self.verifier.recheck(member.peer)
-            except Exception as exc:  # fail closed: what cannot be re-verified counts as changed
-                reason = f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
-        identity = member.identity
-        if reason is not None:
-            self.peer_event(EventKind.IDENTITY_CHANGED, reason, who=member.who(channel=channel.name, role=member.role))
-            if segment is not None and segment is channel.segment:
-                self._revoke(channel, actions=actions)
-        log.info("detached pid %d from channel %r", identity.pid, channel.name)
+            # Whether it still runs what it was admitted with: the driver
+            # asks (maybe the exe inspector, while others are served) and
+            # reports to rechecked().
+            actions.append(Recheck(member, channel, segment))
+        log.info("detached pid %d from channel %r", member.identity.pid, channel.name)
         if not channel.members and not channel.waiting:
             self._release_segment(channel, actions=actions)
         elif member.role == Role.PRODUCER and segment is channel.segment:
             self._apply_liveness_rule(channel, actions)
-        return reason
+
+    def rechecked(self, recheck: Recheck, reason: str | None) -> list[Action]:
+        """The re-check of a member that left: if it runs something else now
+        (it exec()ed after it was admitted), record it, and wipe and revoke
+        the segment it held for everyone still attached to it."""
+        if reason is None:
+            return []
+        member, channel, segment = recheck.member, recheck.channel, recheck.segment
+        self.peer_event(EventKind.IDENTITY_CHANGED, reason, who=member.who(channel=channel.name, role=member.role))
+        actions: list[Action] = []
+        if segment is not None and segment is channel.segment:
+            self._revoke(channel, actions=actions)
+        return actions
 
     def _apply_liveness_rule(self, channel: Channel, actions: list[Action]) -> None:
         """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""

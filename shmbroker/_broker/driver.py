@@ -31,6 +31,7 @@ Work per peer is bounded and shared fairly (docs/attacks.md, A7 and A8):
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -54,7 +55,7 @@ from ..errors import LimitExceeded, ProtocolError
 from . import auth
 from .auth import AuthError, Verifier
 from .config import BrokerConfig, check_broker_user
-from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Schedule, Send, error_reply
+from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Recheck, Schedule, Send, error_reply
 from .listener import LISTEN_BACKLOG, Listener
 from .outbox import Outbox, duplicate
 from .quota import Charge, Resource
@@ -83,12 +84,16 @@ FD_SPARE = 32
 # peer that reads a moment later, cheap for one that never does.
 UNREAD_RECHECK_MIN = 0.002
 UNREAD_RECHECK_MAX = TICK_SECONDS
+# Questions to the exe inspector in flight at once: its socket's queue holds
+# far more, and a verification beyond this waits for its uid's next turn.
+MAX_QUESTIONS = 64
 
 
 class Unverified:
-    """An accepted connection waiting for its uid's turn to be verified; nothing is read from it."""
+    """An accepted connection waiting for its uid's turn to be verified, or
+    for the exe inspector's answer; nothing is read from it."""
 
-    __slots__ = ("sock", "pid", "uid", "gid", "charge", "deadline", "closed")
+    __slots__ = ("sock", "pid", "uid", "gid", "charge", "deadline", "closed", "probe")
 
     def __init__(self, sock: socket.socket, credentials: tuple[int, int, int], charge: Charge, deadline: float) -> None:
         self.sock = sock
@@ -96,12 +101,15 @@ class Unverified:
         self.charge = charge
         self.deadline = deadline
         self.closed = False
+        self.probe: auth.Probe | None = None  # pinned, its exe stat asked for
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.sock.close()
             self.charge.release()
+            if self.probe is not None:
+                self.probe.abandon()
 
 
 class Session:
@@ -152,7 +160,7 @@ class Broker:
         self._on_ready = on_ready
         self.notifier = notifier or Notifier(None, None)
         self.started = time.time()
-        self.core = BrokerCore(config, verifier=self.verifier, euid=os.geteuid(), broker_info=self._info)
+        self.core = BrokerCore(config, euid=os.geteuid(), broker_info=self._info)
         self.sessions: dict[int, Session] = {}
         self._by_member: dict[Member, Session] = {}
         self._unverified: set[Unverified] = set()
@@ -173,6 +181,13 @@ class Broker:
         self._reserve_fd = -1
         self._listening = False
         self._next_sweep = 0.0  # monotonic time of the next lease/truncation check
+        # Questions to the exe inspector still unanswered: request number ->
+        # what to do with the answer.  The loop serves others meanwhile.
+        self._asked: dict[int, Callable[[auth.StatResult], None]] = {}
+        self._awaiting_inspector: collections.deque[Unverified] = collections.deque()
+        self._inspector_fd = -1
+        # Members that left but whose re-check is still out: their pidfd stays open until it is in.
+        self._rechecking: set[Member] = set()
 
     @property
     def events(self) -> Any:
@@ -243,6 +258,7 @@ class Broker:
             *(pending.close for pending in list(self._unverified)),
             self.core.shutdown,
             self._close_lingering,  # after the sessions: closing them may add some
+            self._forget_questions,
             self.selector.close,
             self.listener.close,
             self._restore_signals,
@@ -257,6 +273,13 @@ class Broker:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
         log.info("broker stopped; every segment was wiped")
+
+    def _forget_questions(self) -> None:
+        """Shutting down: the inspector's late answers no longer matter."""
+        self._asked.clear()
+        for member in self._rechecking:
+            member.peer.close()
+        self._rechecking.clear()
 
     def _close_lingering(self) -> None:
         for sock, charges in self._lingering:
@@ -427,31 +450,48 @@ class Broker:
         """The uid's turn: verify the peer before a single byte of it is read."""
         if pending.closed:
             return False
-        self._unverified.discard(pending)
+        if len(self._asked) >= MAX_QUESTIONS:
+            self._awaiting_inspector.append(pending)  # queued again as answers come in
+            return False
         sock, pid, uid = pending.sock, pending.pid, pending.uid
         if _hung_up(sock):
             # Gone before its turn: nothing can reach it any more, so it is
             # not worth a verification (a flood of connect-and-close would
             # otherwise buy one /proc inspection each).
             self.core.events.count("hung_up_unverified")
+            self._unverified.discard(pending)
             pending.close()
             return False
         try:
-            peer = self.verifier.verify(sock, (pending.pid, pending.uid, pending.gid))
+            pending.probe = auth.begin_verify(sock, (pending.pid, pending.uid, pending.gid))
         except Exception as exc:  # fail closed: any error is a rejection
-            if not isinstance(exc, AuthError):
-                log.exception("peer verification failed unexpectedly")
-                exc = AuthError(f"peer could not be verified ({type(exc).__name__})")
-            pending.charge.release()
-            self._refuse(sock, self.core.reject(str(exc), pid, uid))
+            self._unverified.discard(pending)
+            self._reject(pending, exc)
             return False
+        probe = pending.probe
+        self._ask_exe(probe.pid, lambda stat: self._verified(pending, probe, stat))
+        return False
+
+    def _verified(self, pending: Unverified, probe: auth.Probe, stat: auth.StatResult) -> None:
+        """The exe stat of a peer being verified is in (the inspector may have taken a while)."""
+        if pending.closed:  # its deadline passed meanwhile
+            probe.abandon()
+            return
+        self._unverified.discard(pending)
+        pending.probe = None
+        sock = pending.sock
+        try:
+            peer = auth.finish_verify(probe, stat)
+        except Exception as exc:  # fail closed: any error is a rejection
+            self._reject(pending, exc)
+            return
         member, refusal, evicted = self.core.join(peer, pending.charge)
         if member is None:
             peer.close()
             pending.charge.release()
             assert refusal is not None
             self._refuse(sock, refusal)
-            return False
+            return
         conn = Connection(Side.BROKER, max_frame_size=self.limits.max_frame_size, max_pending_frames=self.limits.max_pending_frames)
         session = Session(sock, member, conn)
         self.sessions[sock.fileno()] = session
@@ -462,7 +502,59 @@ class Broker:
         # Its hello and first request are usually waiting already: read them
         # now rather than after another turn of the loop.
         self._read(session)
-        return False
+
+    def _reject(self, pending: Unverified, exc: Exception) -> None:
+        if not isinstance(exc, AuthError):
+            log.exception("peer verification failed unexpectedly")
+            exc = AuthError(f"peer could not be verified ({type(exc).__name__})")
+        pending.charge.release()
+        self._refuse(pending.sock, self.core.reject(str(exc), pending.pid, pending.uid))
+
+    # -- the exe inspector, asked without waiting --------------------------------
+    def _ask_exe(self, pid: int, then: Callable[[auth.StatResult], None]) -> None:
+        """Stat pid's executable, here or through the inspector; ``then`` gets the result.
+
+        Without Landlock the stat is done at once.  With it, the question
+        goes to the inspector and the loop serves others until the answer
+        comes (its fd is in the selector), so a slow or starved inspector
+        stalls only the peers it is asked about."""
+        inspector = self.verifier.inspector
+        if inspector is None:
+            then(self.verifier.stat_now(pid))
+            return
+        try:
+            seq = inspector.submit(pid)
+        except OSError as exc:
+            then(exc)
+            return
+        if self._inspector_fd != inspector.fileno():
+            self.selector.register(inspector.fileno(), selectors.EVENT_READ, self._on_inspector)
+            self._inspector_fd = inspector.fileno()
+        self._asked[seq] = then
+
+    def _on_inspector(self, key: selectors.SelectorKey, mask: int) -> None:
+        inspector = self.verifier.inspector
+        try:
+            if inspector is None:
+                raise auth.InspectorError(errno.EIO, "exe inspector is gone")
+            answers = inspector.collect()
+        except OSError as exc:
+            # Gone for good: every open question fails (closed: rejections,
+            # and re-checks that count as changed).
+            log.error("the exe inspector is gone (%s); peers cannot be verified until the broker restarts", exc.strerror)
+            self.selector.unregister(key.fileobj)
+            self._inspector_fd = -1
+            asked, self._asked = self._asked, {}
+            for then in asked.values():
+                then(exc)
+            return
+        for seq, result in answers:
+            then = self._asked.pop(seq, None)
+            if then is not None:
+                then(result)
+        while self._awaiting_inspector and len(self._asked) < MAX_QUESTIONS:
+            pending = self._awaiting_inspector.popleft()
+            self.scheduler.add(pending.uid, lambda p=pending: self._verify(p), new=True)
 
     def _refuse(self, sock: socket.socket, error: m.Error) -> None:
         """Tell a peer we will not serve it, without ever waiting on it."""
@@ -609,6 +701,9 @@ class Broker:
             if isinstance(action, Schedule):
                 self.scheduler.add(action.uid, self._work(action))
                 continue
+            if isinstance(action, Recheck):
+                self._recheck(action)
+                continue
             session = self._by_member.get(action.member)
             if session is None or session.closed:
                 if isinstance(action, Send) and action.charge is not None:
@@ -631,6 +726,22 @@ class Broker:
                 self._close_session(session, recheck_identity=False)
             else:
                 self._settle(session)
+
+    def _recheck(self, action: Recheck) -> None:
+        member = action.member
+        self._rechecking.add(member)
+
+        def rechecked(stat: auth.StatResult) -> None:
+            try:
+                reason = auth.recheck_result(member.peer, stat)
+            except Exception as exc:  # fail closed: what cannot be re-verified counts as changed
+                reason = f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
+            self._rechecking.discard(member)
+            if member not in self._by_member:  # its connection is closed: its pidfd goes now
+                member.peer.close()
+            self._apply(self.core.rechecked(action, reason))
+
+        self._ask_exe(member.identity.pid, rechecked)
 
     def _work(self, action: Schedule) -> Callable[[], bool]:
         def task() -> bool:
@@ -703,7 +814,8 @@ class Broker:
             self._apply(self.core.leave(session.member, recheck_identity=recheck_identity))
         finally:
             self._want(session, 0)
-            session.member.peer.close()
+            if session.member not in self._rechecking:
+                session.member.peer.close()
             session.outbox.clear()
             charges = [c for c in (session.member.charge, session.reply_charge) if c is not None]
             if session.reply_charge is not None and _unread(session.sock):

@@ -100,6 +100,38 @@ class ExeInspector:
             raise OSError(err, os.strerror(err))
         return dev, ino, data[_REPLY.size:].decode(errors="replace")
 
+    # -- pipelined: the broker asks and goes on serving others ----------------
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def submit(self, pid: int) -> int:
+        """Ask about ``pid`` without waiting; the answer comes from :meth:`collect` under the returned number."""
+        self._seq += 1
+        self.sock.setblocking(False)  # exe() sets its own timeout again
+        try:
+            self.sock.send(_REQUEST.pack(self._seq, pid))
+        except OSError as exc:
+            raise InspectorError(errno.EIO, f"exe inspector unavailable ({exc.strerror or exc})") from None
+        return self._seq
+
+    def collect(self) -> list[tuple[int, tuple[int, int, str] | OSError]]:
+        """The answers that have arrived, without waiting; InspectorError once the inspector is gone."""
+        out: list[tuple[int, tuple[int, int, str] | OSError]] = []
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data = self.sock.recv(MAX_REPLY)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as exc:
+                raise InspectorError(errno.EIO, f"exe inspector unavailable ({exc.strerror or exc})") from None
+            if len(data) < _REPLY.size:
+                raise InspectorError(errno.EIO, "exe inspector is gone; peers cannot be verified until the broker restarts")
+            seq, err, dev, ino = _REPLY.unpack_from(data)
+            result: tuple[int, int, str] | OSError
+            result = OSError(err, os.strerror(err)) if err else (dev, ino, data[_REPLY.size:].decode(errors="replace"))
+            out.append((seq, result))
+
     def close(self) -> None:
         self.sock.close()
         try:

@@ -319,7 +319,8 @@ class Attachment(RingMethods):
         then replaced this mapping with zero pages)."""
         if self._link is None:
             return True
-        return REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0] != 0
+        flag: int = REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0]
+        return flag != 0
 
     def check(self) -> None:
         """Raise ChannelRevoked if the segment was revoked."""

@@ -41,7 +41,7 @@ DISABLE_ENV = "SHMBROKER_DISABLE_HARDENING"
 BROKER_CAPABILITIES = frozenset({_prctl.CAP_SYS_PTRACE})
 
 try:  # optional extra `prctl`: the maintained binding, preferred when present
-    import prctl as _python_prctl  # type: ignore[import-not-found]
+    import prctl as _python_prctl
 except ImportError:  # pragma: no cover - depends on the environment
     _python_prctl = None
 

@@ -295,19 +295,19 @@ class _Parser:
         return tuple(rules)
 
     def principals(self, body: dict[str, Any], key: str) -> Principals:
-        uids = [self.uid(u, f"{key}.uids") for u in self.list(body.get("uids", []), f"{key}.uids")]
-        gids = [self.gid(g, f"{key}.gids") for g in self.list(body.get("gids", []), f"{key}.gids")]
+        uids = [self.uid(u, f"{key}.uids") for u in self.array(body.get("uids", []), f"{key}.uids")]
+        gids = [self.gid(g, f"{key}.gids") for g in self.array(body.get("gids", []), f"{key}.gids")]
         if not uids and not gids:
             raise self.fail(key, "must name at least one of 'uids' or 'gids' (who the rule is for)")
         return Principals(frozenset(uids), frozenset(gids))
 
-    def list(self, value: Any, key: str) -> list[Any]:
+    def array(self, value: Any, key: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(key, "must be an array")
         return value
 
     def strings(self, value: Any, key: str) -> list[str]:
-        items = self.list(value, key)
+        items = self.array(value, key)
         if not all(isinstance(v, str) and v for v in items):
             raise self.fail(key, "must be an array of non-empty strings")
         return items

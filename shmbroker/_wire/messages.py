@@ -208,7 +208,8 @@ def encode(message: Message) -> bytes:
         if not schema[field.name][1] and value is field.default:
             continue  # optional and at its default: omitted (see Attach)
         body[field.name] = list(value) if isinstance(value, tuple) else value
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def decode(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:

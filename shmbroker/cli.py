@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__, errors
 from ._logging import configure as configure_logging
+from ._types import Status
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _print_status(status: dict[str, Any]) -> None:
+def _print_status(status: Status) -> None:
     broker = status["broker"]
     up = time.time() - broker["started"]
     print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up:.0f}s")
@@ -177,7 +178,8 @@ def _print_status(status: dict[str, Any]) -> None:
     print("channels:" if status["channels"] else "channels: none")
     for ch in status["channels"]:
         state = f"generation {ch['generation']}, " + ("live" if ch["live"] else "no segment")
-        kind = f"ring, messages up to {_fmt_size(ch['max_message'])}" if ch.get("ring") else "raw"
+        max_message = ch.get("max_message")
+        kind = "raw" if not ch.get("ring") else "ring" if max_message is None else f"ring, messages up to {_fmt_size(max_message)}"
         print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  {kind}  ({state})")
         for peer in ch["peers"]:
             print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}")

@@ -13,9 +13,10 @@ import dataclasses
 import fnmatch
 import os
 
+from .. import _types
 from ..errors import PermissionDenied
 
-ROLES = frozenset({"producer", "consumer"})
+ROLES: frozenset[str] = frozenset(_types.ROLES)
 
 
 @dataclasses.dataclass(frozen=True)

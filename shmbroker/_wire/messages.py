@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from .._types import ROLES, Role
 from ..errors import ProtocolError
 
 PROTOCOL_NAME = "shmbroker"
 PROTOCOL_VERSION = 1
-ROLES = ("producer", "consumer")
 # Same spirit as D-Bus name rules: short, printable, no path separators, so a
 # name is safe in logs, file names and status output.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -48,7 +48,7 @@ class Hello(Message):
 class Attach(Message):
     TYPE: ClassVar[str] = "attach"
     channel: str
-    role: str
+    role: Role
     size: int | None = None
     # Ring channels (issue 3).  Optional fields are left out of the frame
     # while they hold their default, so brokers that predate them still
@@ -88,7 +88,7 @@ class Attached(Message):
 
     TYPE: ClassVar[str] = "attached"
     channel: str
-    role: str
+    role: Role
     size: int
     generation: int
     layout: int

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser(
         "doctor", help="check which kernel security features this machine has",
         description="Probe leases, pidfds, Landlock, memfd seals, mlock, ptrace and core-dump settings, "
-        "and say what each missing one means.  Exit status: 0 all good, 1 reduced protection, 2 unsafe.",
+        "and say what each missing one means.",
+        epilog=_doctor.EXIT_STATUS_HELP,
     )
     _doctor.add_arguments(doctor)
 

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._broker.config import ChannelSpec, default_config, load_config
+    from ._broker.config import ChannelSpec, check_broker_user, default_config, load_config
+    from ._broker.listener import Listener
     from ._ring.layout import resolve_max_message
     from ._broker.loop import Broker
     from ._broker.sandbox import Sandbox
@@ -139,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("socket activation: serving on the socket passed by the service manager (%s)", socket_path)
     else:
         socket_path = args.socket or config.socket_path or default_socket_path()
+        # Refuse a taken or unsafe socket path before hardening logs a line:
+        # a broker that never started must not log that it stopped.
+        Listener(socket_path, config.socket_group).check_free()
+    check_broker_user(config)
     _harden_broker(config)
     sandbox = Sandbox(args.landlock, args.seccomp, socket_path, args.config)
     try:

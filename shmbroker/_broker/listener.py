@@ -74,6 +74,26 @@ class Listener:
         self.sock = sock
         return sock
 
+    def check_free(self) -> None:
+        """Raise now what :meth:`open` would raise for a path another broker
+        serves, or one under directories others could write; create and
+        change nothing.  `serve` calls this before it hardens itself and
+        logs anything, so a refused start prints the reason and no more.
+
+        open() checks again, under the directory lock: a broker that starts
+        between the two is still refused there."""
+        self._check_ancestors()
+        try:
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # no directory yet, so no broker; anything else, open() explains
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrokerAlreadyRunning(self._running_message()) from None
+        finally:
+            os.close(dir_fd)  # and with it the lock, if we took it
+
     def adopt(self, sock: socket.socket) -> socket.socket:
         """Use a socket handed over by systemd; it owns the path, we do not unlink it."""
         sock.setblocking(False)

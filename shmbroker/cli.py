@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__, errors
 from ._logging import configure as configure_logging
-from ._types import Status
+from ._types import STATUS_SCHEMA, Status
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="user name or uid the broker must run as (default: [broker] user of --config, else "
         "$SHMBROKER_BROKER_USER, else your own uid, root or the shmbroker user)",
     )
-    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument(
+        "--json", action="store_true",
+        help=f'print the status as JSON; "schema": {STATUS_SCHEMA} names its version, raised only when a key is '
+        "removed or changes meaning",
+    )
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
     from . import _bench, _doctor
@@ -176,10 +180,25 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def _fmt_duration(seconds: float) -> str:
+    """``45s``, ``12m 5s``, ``3h 12m``, ``2d 3h``: the two largest units, as uptime(1) reads."""
+    total = max(int(seconds), 0)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
 def _print_status(status: Status) -> None:
     broker = status["broker"]
-    up = time.time() - broker["started"]
-    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up:.0f}s")
+    up = _fmt_duration(time.time() - broker["started"])
+    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up}")
     print(f"  socket {broker['socket']}  policy {broker['policy']}  connections {status['connections']}")
     print("channels:" if status["channels"] else "channels: none")
     for ch in status["channels"]:
@@ -217,7 +236,8 @@ def _status(args: argparse.Namespace) -> int:
             raise errors.ConfigError(f"--broker-user {args.broker_user}: {exc}") from None
     status = ShmClient.status(socket_path=socket_path, timeout=args.timeout, broker_uid=broker_user)
     if args.json:
-        json.dump(status, sys.stdout, indent=2, sort_keys=True)
+        # "schema" first: what a script checks before it reads anything else.
+        json.dump({"schema": STATUS_SCHEMA, **status}, sys.stdout, indent=2)
         print()
     else:
         _print_status(status)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from helpers import BrokerProc, shm_leftovers
-from shmbroker import ShmClient
+from shmbroker import ShmClient, cli
 
 
 def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -69,9 +72,19 @@ def test_status_json_and_text(broker: BrokerProc) -> None:
         text = shmbroker("status", "--socket", broker.socket)
     assert raw.returncode == 0 and text.returncode == 0
     status = json.loads(raw.stdout)
+    assert list(status)[0] == "schema" and status["schema"] == 1, "scripts check the schema first"
     assert status["broker"]["pid"] == broker.pid
     assert [c["name"] for c in status["channels"]] == ["frames"]
     assert "frames" in text.stdout and "producer" in text.stdout
+    assert re.search(r"  up \d+s\n", text.stdout), text.stdout
+
+
+@pytest.mark.parametrize(
+    "seconds, shown",
+    [(0, "0s"), (59.9, "59s"), (61, "1m 1s"), (3 * 3600 + 12 * 60 + 5, "3h 12m"), (2 * 86400 + 3 * 3600 + 59, "2d 3h")],
+)
+def test_uptime_reads_as_a_duration(seconds: float, shown: str) -> None:
+    assert cli._fmt_duration(seconds) == shown
 
 
 def test_bad_channel_argument_is_a_usage_error(short_tmp: Path) -> None:

@@ -16,11 +16,15 @@ from ._types import STATUS_SCHEMA, Status
 
 log = logging.getLogger(__name__)
 
+# Where the shipped systemd unit (examples/systemd) and the docs put the config.
+CONFIG_PATH = "/etc/shmbroker/broker.toml"
+
 EPILOG = """\
 examples:
   shmbroker serve --socket ~/.shm-demo/broker.sock --channel frames:16MiB
   shmbroker status --socket ~/.shm-demo/broker.sock
   shmbroker status --broker-user shmbroker      # a system broker run as user shmbroker
+  shmbroker check-config /etc/shmbroker/broker.toml   # every error in the file, like sshd -t
 
 Put the socket in a directory only you (or root) can write, such as
 $XDG_RUNTIME_DIR or your home: anywhere others can write (a fixed name in
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the broker in the foreground", description="Run the broker in the foreground until SIGTERM or SIGINT.")
     serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
-    serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
+    serve.add_argument("--config", metavar="FILE", help=f"TOML policy file, e.g. {CONFIG_PATH} (default: only the broker's own uid and executable)")
     serve.add_argument("--channel", metavar="NAME:SIZE[:ring]", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB, or events:1MiB:ring for a message ring (repeatable)")
     serve.add_argument(
         "--landlock", choices=("auto", "on", "off"), default="auto",
@@ -96,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
 
+    check = sub.add_parser(
+        "check-config", help="check a config file and report every problem in it, like sshd -t",
+        description="Load FILE as `shmbroker serve --config FILE` would, without starting a broker: print every "
+        "error as FILE: KEY: REASON, and every warning (such as an executables entry that can never match).",
+        epilog="exit status: 0 the file is valid (warnings included); 2 it has errors, and serve would refuse it",
+    )
+    check.add_argument("file", metavar="FILE", help=f"the TOML config file, e.g. {CONFIG_PATH}")
+
     from . import _bench, _doctor
 
     doctor = sub.add_parser(
@@ -127,6 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     config = load_config(args.config) if args.config else default_config()
+    for warning in config.warnings:
+        log.warning("%s", warning)
     for name, size, ring in args.channel:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
@@ -244,16 +258,42 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from ._broker.config import load_config
+
+    try:
+        config = load_config(args.file)
+    except errors.ConfigError as exc:
+        problems = str(exc).splitlines()
+        for line in problems:
+            print(line, file=sys.stderr)
+        count = f"{len(problems)} error" + ("" if len(problems) == 1 else "s")
+        print(f"{args.file}: {count}; `shmbroker serve` would refuse to start with this file", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    rules, channels, warnings = len(config.policy.rules), len(config.channels), len(config.warnings)
+    print(
+        f"{args.file}: OK: {rules} rule{'s' * (rules != 1)}, {channels} configured channel{'s' * (channels != 1)}"
+        + (f", {warnings} warning{'s' * (warnings != 1)}" if warnings else "")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import _bench, _doctor
 
-    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run, "bench": _bench.run}
+    handlers = {
+        "serve": _serve, "status": _status, "check-config": _check_config, "doctor": _doctor.run, "bench": _bench.run,
+    }
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:
-        print(f"shmbroker: {exc}", file=sys.stderr)
+        # A config error lists every problem, one FILE: KEY: REASON a line.
+        for line in str(exc).splitlines() or [""]:
+            print(f"shmbroker: {line}", file=sys.stderr)
         return 2 if isinstance(exc, errors.ConfigError) else 1
     except KeyboardInterrupt:
         return 130

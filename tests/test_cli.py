@@ -24,7 +24,7 @@ def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
 def test_help_describes_every_command() -> None:
     top = shmbroker("--help")
     assert top.returncode == 0
-    expected = {"serve": "--socket", "status": "--socket", "doctor": "--json", "bench": "--quick"}
+    expected = {"serve": "--socket", "status": "--socket", "check-config": "FILE", "doctor": "--json", "bench": "--quick"}
     for command, option in expected.items():
         assert command in top.stdout
         sub = shmbroker(command, "--help")

@@ -309,6 +309,7 @@ class Attachment(RingMethods):
         self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None,
         pages: RingPages | None = None,
     ) -> None:
+        """Built by :meth:`ShmClient.attach` from the broker's reply; not for applications to call."""
         # Set last (below): until then there is nothing for close() or the
         # finalizer to do, since attach() cleans up after a failed __init__.
         self._link: _Link | None = None
@@ -378,6 +379,7 @@ class Attachment(RingMethods):
         self._close(detach=True)
 
     def __del__(self) -> None:
+        """Close an attachment dropped without :meth:`close`, with a ResourceWarning."""
         if getattr(self, "_link", None) is None:
             return
         # Like an unclosed file: say which channel was left open, then close

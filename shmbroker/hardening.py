@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ._sys import prctl as _prctl
 
@@ -88,9 +88,9 @@ def harden_process(*, keep_capabilities: Iterable[int] | None = None, drop_capab
     return report
 
 
-def _step(report: HardeningReport, name: str, fn: object) -> None:
+def _step(report: HardeningReport, name: str, fn: Callable[[], object]) -> None:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except (OSError, ValueError) as exc:
         report.skipped[name] = getattr(exc, "strerror", None) or str(exc)
     else:

@@ -134,6 +134,11 @@ def test_status_is_typed_and_checked(broker: Any) -> None:
     assert set(status["broker"]) >= set(shmbroker.StatusBroker.__required_keys__)
 
 
+def test_a_misspelled_role_is_a_value_error_at_run_time() -> None:
+    with pytest.raises(ValueError, match="role must be 'producer' or 'consumer', not 'consumr'"):
+        ShmClient.attach("frames", "consumr")  # type: ignore[arg-type]
+
+
 def test_mypy_rejects_a_misspelled_role(tmp_path: Path) -> None:
     """``role`` is a Literal: a typo is caught before the program runs."""
     source = tmp_path / "typo.py"

@@ -128,10 +128,20 @@ def test_a_closed_attachment_is_not_warned_about(broker: Any) -> None:
         gc.collect()
 
 
-def test_status_is_typed_and_checked(broker: Any) -> None:
-    status = ShmClient.status(socket_path=broker.socket)
-    assert set(status) >= set(shmbroker.Status.__required_keys__)
-    assert set(status["broker"]) >= set(shmbroker.StatusBroker.__required_keys__)
+def test_the_status_types_describe_what_the_broker_sends(broker: Any) -> None:
+    """Exactly the keys, both ways: a key the broker adds or drops must show up
+    in shmbroker.Status too (the broker's loop builds the dict on its own)."""
+    with ShmClient.attach("typed", "producer", socket_path=broker.socket, size=4096):
+        status = ShmClient.status(socket_path=broker.socket)
+    assert set(status) == set(shmbroker.Status.__annotations__)
+    assert set(status["broker"]) == set(shmbroker.StatusBroker.__annotations__)
+    channel = status["channels"][0]
+    assert set(channel) == set(shmbroker.StatusChannel.__annotations__)
+    assert set(channel["peers"][0]) == set(shmbroker.StatusPeer.__annotations__)
+    from shmbroker._broker.events import EventKind, SecurityEvent
+
+    event = SecurityEvent(kind=EventKind.PEER_REJECTED, time=0.0, pid=1, uid=2, detail="x").as_dict()
+    assert set(event) == set(shmbroker.StatusEvent.__annotations__)
 
 
 def test_a_misspelled_role_is_a_value_error_at_run_time() -> None:

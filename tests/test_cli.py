@@ -42,6 +42,16 @@ def test_second_broker_on_a_live_socket_is_refused(broker: BrokerProc) -> None:
     broker.status()  # the first broker is untouched
 
 
+def test_a_socket_directory_others_may_use_is_refused_before_anything_is_logged(short_tmp: Path) -> None:
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    proc = shmbroker("serve", "--socket", str(shared / "broker.sock"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"shmbroker: socket directory {shared} already exists with mode 0755")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_stale_socket_of_a_killed_broker_is_replaced(broker_factory: Any) -> None:
     first = broker_factory()
     att = ShmClient.attach("frames", "producer", socket_path=first.socket, size=4096)

@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml setup.py shmbroker/_guard.c
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# mypy --strict first (its files and per-module settings are in pyproject.toml):
+# a type error fails the run as a failing test does.
 test: $(STAMP)
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 test-long: $(STAMP)
@@ -39,4 +42,4 @@ bench: $(STAMP)
 	$(BIN)/shmbroker bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis shmbroker/*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache shmbroker/*.so

@@ -16,7 +16,7 @@ import asyncio
 import os
 import time
 
-from shmbroker import ShmClient, errors
+from shmbroker import Attachment, ShmClient, errors
 
 CHANNELS = ("sensors", "commands")
 COUNT = 5
@@ -39,9 +39,9 @@ def produce(socket_path: str | None, ready_fd: int) -> None:
         p.close()
 
 
-async def consume(att: object, name: str) -> None:
+async def consume(att: Attachment, name: str) -> None:
     for _ in range(COUNT):
-        message = await att.recv_async(timeout=5)  # type: ignore[attr-defined]
+        message = await att.recv_async(timeout=5)
         print(f"[{name}] {message.decode()}")
 
 

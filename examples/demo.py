@@ -43,6 +43,20 @@ def wait_until(what: str, predicate: Any, timeout: float = 15.0) -> Any:
     raise SystemExit(f"demo: timed out waiting for {what}")
 
 
+def client(procs: list[subprocess.Popen[str]], script: str, *args: str) -> subprocess.Popen[str]:
+    """Start an example script with pipes for its stdin and stdout."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(HERE / script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    procs.append(proc)
+    return proc
+
+
+def first_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.readline().strip()
+
+
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="shmbroker-demo-"))
     sock = str(tmp / "run" / "broker.sock")
@@ -59,18 +73,12 @@ def main() -> int:
         print(f"1. broker pid {broker.pid} listening on {sock}")
         print("   policy: only this uid running this interpreter; segments are shm_open(O_EXCL, mode 0), unlinked, leased")
 
-        client = [sys.executable, "-u"]
-        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         # --hold keeps both attached until we have shown the broker's view.
-        consumer = subprocess.Popen([*client, str(HERE / "consumer.py"), "--socket", sock, "--hold"], **pipes)
-        procs.append(consumer)
-        print(f"2. {consumer.stdout.readline().strip()}")  # type: ignore[union-attr]
-        producer = subprocess.Popen(
-            [*client, str(HERE / "producer.py"), "--socket", sock, "--bytes", str(PAYLOAD), "--hold"], **pipes
-        )
-        procs.append(producer)
-        print(f"3. {producer.stdout.readline().strip()}")  # type: ignore[union-attr]
-        print(f"4. {consumer.stdout.readline().strip()}")  # type: ignore[union-attr]
+        consumer = client(procs, "consumer.py", "--socket", sock, "--hold")
+        print(f"2. {first_line(consumer)}")
+        producer = client(procs, "producer.py", "--socket", sock, "--bytes", str(PAYLOAD), "--hold")
+        print(f"3. {first_line(producer)}")
+        print(f"4. {first_line(consumer)}")
 
         status = ShmClient.status(socket_path=sock)
         channel = next(c for c in status["channels"] if c["name"] == "demo")

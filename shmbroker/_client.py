@@ -8,10 +8,12 @@ import socket
 import stat
 import struct
 import time
+import warnings
 from types import TracebackType
-from typing import Any
+from typing import cast
 
 from . import _trust, errors
+from ._types import ROLES, Role, Status
 from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
 from ._paths import default_socket_path
 from ._ring.client import CursorFetcher, RingPages, take_ring_fds
@@ -248,28 +250,63 @@ def _broker_uids(broker_uid: int | str | None) -> frozenset[int]:
 
 
 class Attachment(RingMethods):
-    """A mapped segment of a channel, valid until :meth:`close`.
+    """One process's attachment to a channel: the channel's segment, mapped
+    here, valid until :meth:`close`.  :meth:`ShmClient.attach` returns it.
 
-    ``buf`` is a memoryview of the payload (writable for producers).  On a
-    ring channel use the message methods instead (send/recv and friends,
-    see :class:`shmbroker._ring.endpoint.RingMethods`).  After
-    :meth:`close` the segment is unmapped for this process; a view obtained
-    from ``buf`` that is still alive then reads zeros and its writes go
-    nowhere: it never crashes the process, and never reaches the segment.
+    On a raw channel, read and write the payload through :attr:`buf`
+    (writable for producers only).  On a ring channel, producers call
+    :meth:`send`, :meth:`send_many`, :meth:`reserve` or :meth:`send_async`,
+    consumers :meth:`recv`, :meth:`recv_into`, :meth:`recv_many`,
+    :meth:`receive_view` or :meth:`recv_async`.  Calling a method of the
+    other role, or a message method on a raw channel, raises
+    :class:`shmbroker.errors.UnsupportedOperation`.
+
+    Use it in a ``with`` block or call :meth:`close`.  After close the
+    segment is unmapped for this process; a view obtained from ``buf`` that
+    is still alive then reads zeros and its writes go nowhere: it never
+    crashes the process, and never reaches the segment.  An attachment
+    dropped without close is closed when it is garbage-collected, with a
+    ResourceWarning naming its channel, as an unclosed file warns.
     """
+
+    # Documented slots, not properties: help() lists each with its
+    # docstring, and reading one costs what reading a plain attribute does
+    # (a property made each read of att.buf three times as slow).  The
+    # instance keeps a __dict__ (from RingMethods) for the ring fast paths.
+    __slots__ = {
+        "channel": "The channel's name.",
+        "role": '``"producer"`` or ``"consumer"``, as attached.',
+        "size": "Payload bytes of the segment (the length of ``buf``).",
+        "generation": (
+            "Which segment of the channel this is: it goes up each time the broker gives the channel a new "
+            "one (after a wipe, or once every peer left), so attachments of one generation share memory."
+        ),
+        "buf": (
+            "The payload as a memoryview of ``size`` bytes: writable for a producer, read-only for a "
+            "consumer.  On a ring channel it holds the ring's records; use the message methods there."
+        ),
+    }
+    channel: str
+    role: Role
+    size: int
+    generation: int
+    buf: memoryview
 
     def __init__(
         self, link: _Link, mapping: Mapping, reply: m.Attached, ring_fds: list[int] | None = None,
         pages: RingPages | None = None,
     ) -> None:
-        self._link: _Link | None = link
+        """Built by :meth:`ShmClient.attach` from the broker's reply; not for applications to call."""
+        # Set last (below): until then there is nothing for close() or the
+        # finalizer to do, since attach() cleans up after a failed __init__.
+        self._link: _Link | None = None
         self._mapping = mapping
-        self.channel: str = reply.channel
-        self.role: str = reply.role
-        self.size: int = reply.size
-        self.generation: int = reply.generation
+        self.channel = reply.channel
+        self.role = reply.role
+        self.size = reply.size
+        self.generation = reply.generation
         self._header = mapping.view[:HEADER_SIZE]
-        self.buf: memoryview = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
+        self.buf = mapping.view[HEADER_SIZE : HEADER_SIZE + reply.size]
         self._ring: Sender | Receiver | None = None
         self._ring_fds = ring_fds or []
         # A ring's pages (memfds of their own): the control page (sleeping
@@ -294,9 +331,11 @@ class Attachment(RingMethods):
                     self._ring_fds[0], self._ring_fds[1], start=reply.start,
                 )
             self._bind_ring_fast_paths()
+        self._link = link
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran (or the finalizer closed it)."""
         return self._link is None
 
     @property
@@ -306,7 +345,8 @@ class Attachment(RingMethods):
         then replaced this mapping with zero pages)."""
         if self._link is None:
             return True
-        return REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0] != 0
+        flag: int = REVOKED.unpack_from(self._header, REVOKED_OFFSET)[0]
+        return flag != 0
 
     def check(self) -> None:
         """Raise ChannelRevoked if the segment was revoked."""
@@ -323,13 +363,36 @@ class Attachment(RingMethods):
 
     def close(self) -> None:
         """Detach: tell the broker, unmap the segment.  Safe to call twice."""
+        self._close(detach=True)
+
+    def __del__(self) -> None:
+        """Close an attachment dropped without :meth:`close`, with a ResourceWarning."""
+        if getattr(self, "_link", None) is None:
+            return
+        # Like an unclosed file: say which channel was left open, then close
+        # it, since a mapping nobody can reach is only a leak.
+        warnings.warn(
+            f"unclosed attachment to channel {self.channel!r} ({self.role}, generation {self.generation}); "
+            "call close() or attach in a `with` block",
+            ResourceWarning, source=self,
+        )
+        try:
+            self._close(detach=False)
+        except Exception:
+            pass  # at interpreter exit, modules this needs may be gone already
+
+    def _close(self, *, detach: bool) -> None:
         link, self._link = self._link, None
         if link is None:
             return
         try:
-            link.deadline = time.monotonic() + DETACH_TIMEOUT
-            link.send(m.Detach())
-            link.receive()
+            # The finalizer skips the courtesy Detach (up to DETACH_TIMEOUT of
+            # waiting inside the garbage collector): closing the socket
+            # detaches just the same.
+            if detach:
+                link.deadline = time.monotonic() + DETACH_TIMEOUT
+                link.send(m.Detach())
+                link.receive()
         except errors.ShmBrokerError:
             pass  # the broker is gone or refused; closing the socket detaches anyway
         finally:
@@ -360,9 +423,11 @@ class Attachment(RingMethods):
         return None if self._pages is None else self._pages.cursor
 
     def __enter__(self) -> Attachment:
+        """``with ShmClient.attach(...) as att:`` closes the attachment on exit."""
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Close the attachment (see :meth:`close`)."""
         self.close()
 
     def __repr__(self) -> str:
@@ -371,13 +436,15 @@ class Attachment(RingMethods):
 
 
 class ShmClient:
-    """Entry point for applications: attach to a channel, or ask for status."""
+    """Entry point for applications: :meth:`attach` to a channel, or ask a
+    broker for its :meth:`status`.  Both are class methods; there is nothing
+    to instantiate."""
 
     @classmethod
     def attach(
         cls,
         channel: str,
-        role: str = "producer",
+        role: Role = "producer",
         *,
         socket_path: str | os.PathLike[str] | None = None,
         size: int | None = None,
@@ -410,7 +477,7 @@ class ShmClient:
         else the ``SHMBROKER_BROKER_USER`` environment variable, replaces
         that with exactly that uid and root.
         """
-        if role not in m.ROLES:
+        if role not in ROLES:
             raise ValueError(f"role must be 'producer' or 'consumer', not {role!r}")
         if not isinstance(channel, str) or not m.valid_channel_name(channel):
             raise ValueError(
@@ -461,10 +528,13 @@ class ShmClient:
     def status(
         cls, *, socket_path: str | os.PathLike[str] | None = None, timeout: float = 5.0,
         broker_uid: int | str | None = None,
-    ) -> dict[str, Any]:
+    ) -> Status:
         """The broker's status: channels, attached peers, counters, security events.
 
-        ``broker_uid`` as for :meth:`attach`.
+        Returns a :class:`shmbroker.Status` (a dict; its keys are documented
+        there).  ``socket_path``, ``timeout`` and ``broker_uid`` as for
+        :meth:`attach`.  Only uids the broker's ``[status]`` config names (by
+        default its own) may ask; others get PermissionDenied.
         """
         link = _Link(_resolve_path(socket_path), timeout, _broker_uids(broker_uid))
         try:
@@ -473,7 +543,12 @@ class ShmClient:
             reply = link.receive()
             if not isinstance(reply, m.StatusReply):
                 raise errors.ProtocolError(f"the broker answered status with {reply.TYPE}")
-            return dict(reply.status)
+            missing = sorted(set(Status.__required_keys__) - set(reply.status))
+            if missing:
+                raise errors.ProtocolError(
+                    f"the broker's status reply lacks {', '.join(missing)}; is the broker a different version of shmbroker?"
+                )
+            return cast(Status, dict(reply.status))
         finally:
             link.close()
 

@@ -5,8 +5,9 @@ Every check probes the real kernel (creates a segment, takes a lease, asks
 for a pidfd...) rather than reading version numbers, because distributions
 backport and disable features independently of the version.
 
-Exit status: 0 when everything is available, 1 when the broker runs with
-reduced protection (a "warn"), 2 when it cannot run securely (a "fail").
+Exit status: 0 when every check is OK, 1 when there are warnings (the
+broker runs, with reduced protection), 2 when an essential is missing (it
+cannot run securely).  The text output ends with a summary line saying which.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from collections.abc import Callable
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _EXIT = {OK: 0, WARN: 1, FAIL: 2}
+EXIT_STATUS_HELP = (
+    "exit status: 0 every check OK; 1 warnings: the broker runs with reduced protection (each warning "
+    "says what is lost); 2 missing essentials: the broker cannot run securely here"
+)
 
 
 @dataclasses.dataclass
@@ -49,7 +54,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.status.upper():<4}  {c.name:<{width}}  {c.detail}")
             if c.consequence and c.status != OK:
                 print(f"{'':<4}  {'':<{width}}  -> {c.consequence}")
+        print(summary(checks))
     return max(_EXIT[c.status] for c in checks)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def summary(checks: list[Check]) -> str:
+    """One line: how many checks passed, which did not, what that means, and the exit status."""
+    failed = [c.name for c in checks if c.status == FAIL]
+    warned = [c.name for c in checks if c.status == WARN]
+    passed = len(checks) - len(failed) - len(warned)
+    if failed:
+        verdict = (
+            f"{_count(len(failed), 'missing essential')} ({', '.join(failed)}): the broker cannot run securely "
+            "here until that is fixed"
+        )
+        if warned:
+            verdict = f"{_count(len(warned), 'warning')} ({', '.join(warned)}), {verdict}"
+        return f"summary: {passed} OK, {verdict}; exit status 2"
+    if warned:
+        return (
+            f"summary: {passed} OK, {_count(len(warned), 'warning')} ({', '.join(warned)}): the broker runs here with "
+            "reduced protection (the -> lines say what is lost); exit status 1"
+        )
+    return f"summary: all {len(checks)} checks OK; exit status 0"
 
 
 def _read(path: str) -> str | None:

@@ -13,14 +13,19 @@ from typing import Any
 from . import __version__, errors
 from ._logging import FORMATS as LOG_FORMATS
 from ._logging import configure as configure_logging
+from ._types import STATUS_SCHEMA, Status
 
 log = logging.getLogger(__name__)
+
+# Where the shipped systemd unit (examples/systemd) and the docs put the config.
+CONFIG_PATH = "/etc/shmbroker/broker.toml"
 
 EPILOG = """\
 examples:
   shmbroker serve --socket ~/.shm-demo/broker.sock --channel frames:16MiB
   shmbroker status --socket ~/.shm-demo/broker.sock
   shmbroker status --broker-user shmbroker      # a system broker run as user shmbroker
+  shmbroker check-config /etc/shmbroker/broker.toml   # every error in the file, like sshd -t
 
 Put the socket in a directory only you (or root) can write, such as
 $XDG_RUNTIME_DIR or your home: anywhere others can write (a fixed name in
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the broker in the foreground", description="Run the broker in the foreground until SIGTERM or SIGINT.")
     serve.add_argument("--socket", metavar="PATH", help="listening socket (default: $SHMBROKER_SOCKET, $XDG_RUNTIME_DIR/shmbroker/broker.sock, or /run/shmbroker/broker.sock for root)")
-    serve.add_argument("--config", metavar="FILE", help="TOML policy file (default: only the broker's own uid and executable)")
+    serve.add_argument("--config", metavar="FILE", help=f"TOML policy file, e.g. {CONFIG_PATH} (default: only the broker's own uid and executable)")
     serve.add_argument("--channel", metavar="NAME:SIZE[:ring]", action="append", type=_channel_arg, default=[], help="predeclare a channel, e.g. frames:16MiB, or events:1MiB:ring for a message ring (repeatable)")
     serve.add_argument(
         "--landlock", choices=("auto", "on", "off"), default="auto",
@@ -94,15 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="user name or uid the broker must run as (default: [broker] user of --config, else "
         "$SHMBROKER_BROKER_USER, else your own uid, root or the shmbroker user)",
     )
-    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument(
+        "--json", action="store_true",
+        help=f'print the status as JSON; "schema": {STATUS_SCHEMA} names its version, raised only when a key is '
+        "removed or changes meaning",
+    )
     status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long (default: 5)")
+
+    check = sub.add_parser(
+        "check-config", help="check a config file and report every problem in it, like sshd -t",
+        description="Load FILE as `shmbroker serve --config FILE` would, without starting a broker: print every "
+        "error as FILE: KEY: REASON, and every warning (such as an executables entry that can never match).",
+        epilog="exit status: 0 the file is valid (warnings included); 2 it has errors, and serve would refuse it",
+    )
+    check.add_argument("file", metavar="FILE", help=f"the TOML config file, e.g. {CONFIG_PATH}")
 
     from . import _bench, _doctor
 
     doctor = sub.add_parser(
         "doctor", help="check which kernel security features this machine has",
         description="Probe leases, pidfds, Landlock, memfd seals, mlock, ptrace and core-dump settings, "
-        "and say what each missing one means.  Exit status: 0 all good, 1 reduced protection, 2 unsafe.",
+        "and say what each missing one means.",
+        epilog=_doctor.EXIT_STATUS_HELP,
     )
     _doctor.add_arguments(doctor)
 
@@ -128,7 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_configured(args: argparse.Namespace) -> int:
-    from ._broker.config import ChannelSpec, default_config, load_config
+    from ._broker.config import ChannelSpec, check_broker_user, default_config, load_config
+    from ._broker.listener import Listener
     from ._ring.layout import resolve_max_message
     from ._broker.driver import Broker
     from ._broker.sandbox import Sandbox
@@ -137,6 +156,8 @@ def _serve_configured(args: argparse.Namespace) -> int:
     from ._sys.sdnotify import Notifier
 
     config = load_config(args.config) if args.config else default_config()
+    for warning in config.warnings:
+        log.warning("%s", warning)
     for name, size, ring in args.channel:
         if size > config.limits.max_segment_size:
             raise errors.ConfigError(f"--channel {name}: size {size} exceeds max_segment_size ({config.limits.max_segment_size})")
@@ -154,6 +175,10 @@ def _serve_configured(args: argparse.Namespace) -> int:
         log.info("socket activation: serving on the socket passed by the service manager (%s)", socket_path)
     else:
         socket_path = args.socket or config.socket_path or default_socket_path()
+        # Refuse a taken or unsafe socket path before hardening logs a line:
+        # a broker that never started must not log that it stopped.
+        Listener(socket_path, config.socket_group).check_free()
+    check_broker_user(config)
     _harden_broker(config)
     sandbox = Sandbox(args.landlock, args.seccomp, socket_path, args.config)
     try:
@@ -175,10 +200,11 @@ def _harden_broker(config: Any) -> None:
 
 
 def _fmt_size(n: int) -> str:
+    value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        if value < 1024 or unit == "GiB":
+            return f"{value:g} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
     raise AssertionError
 
 
@@ -186,15 +212,31 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _print_status(status: dict[str, Any]) -> None:
+def _fmt_duration(seconds: float) -> str:
+    """``45s``, ``12m 5s``, ``3h 12m``, ``2d 3h``: the two largest units, as uptime(1) reads."""
+    total = max(int(seconds), 0)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _print_status(status: Status) -> None:
     broker = status["broker"]
-    up = time.time() - broker["started"]
-    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up:.0f}s")
+    up = _fmt_duration(time.time() - broker["started"])
+    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up}")
     print(f"  socket {broker['socket']}  policy {broker['policy']}  connections {status['connections']}")
     print("channels:" if status["channels"] else "channels: none")
     for ch in status["channels"]:
         state = f"generation {ch['generation']}, " + ("live" if ch["live"] else "no segment")
-        kind = f"ring, messages up to {_fmt_size(ch['max_message'])}" if ch.get("ring") else "raw"
+        max_message = ch.get("max_message")
+        kind = "raw" if not ch.get("ring") else "ring" if max_message is None else f"ring, messages up to {_fmt_size(max_message)}"
         print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  {kind}  ({state})")
         for peer in ch["peers"]:
             print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}")
@@ -226,10 +268,33 @@ def _status(args: argparse.Namespace) -> int:
             raise errors.ConfigError(f"--broker-user {args.broker_user}: {exc}") from None
     status = ShmClient.status(socket_path=socket_path, timeout=args.timeout, broker_uid=broker_user)
     if args.json:
-        json.dump(status, sys.stdout, indent=2, sort_keys=True)
+        # "schema" first: what a script checks before it reads anything else.
+        json.dump({"schema": STATUS_SCHEMA, **status}, sys.stdout, indent=2)
         print()
     else:
         _print_status(status)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from ._broker.config import load_config
+
+    try:
+        config = load_config(args.file)
+    except errors.ConfigError as exc:
+        problems = str(exc).splitlines()
+        for line in problems:
+            print(line, file=sys.stderr)
+        count = f"{len(problems)} error" + ("" if len(problems) == 1 else "s")
+        print(f"{args.file}: {count}; `shmbroker serve` would refuse to start with this file", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    rules, channels, warnings = len(config.policy.rules), len(config.channels), len(config.warnings)
+    print(
+        f"{args.file}: OK: {rules} rule{'s' * (rules != 1)}, {channels} configured channel{'s' * (channels != 1)}"
+        + (f", {warnings} warning{'s' * (warnings != 1)}" if warnings else "")
+    )
     return 0
 
 
@@ -238,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import _bench, _doctor
 
-    handlers = {"serve": _serve, "status": _status, "doctor": _doctor.run, "bench": _bench.run}
+    handlers = {
+        "serve": _serve, "status": _status, "check-config": _check_config, "doctor": _doctor.run, "bench": _bench.run,
+    }
     try:
         return handlers[args.command](args)
     except errors.ShmBrokerError as exc:
-        print(f"shmbroker: {exc}", file=sys.stderr)
+        # A config error lists every problem, one FILE: KEY: REASON a line.
+        for line in str(exc).splitlines() or [""]:
+            print(f"shmbroker: {line}", file=sys.stderr)
         return 2 if isinstance(exc, errors.ConfigError) else 1
     except KeyboardInterrupt:
         return 130

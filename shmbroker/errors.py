@@ -27,6 +27,7 @@ __all__ = [
     "MessageTooLarge",
     "Full",
     "Empty",
+    "UnsupportedOperation",
 ]
 
 
@@ -122,6 +123,16 @@ class Full(ShmBrokerError):
 
 class Empty(ShmBrokerError):
     """No message arrived within the receive timeout."""
+
+
+class UnsupportedOperation(ShmBrokerError, ValueError):
+    """This attachment cannot do that: ``recv()`` on a producer, ``send()`` on
+    a consumer, a message method on a raw channel.
+
+    A mistake in the calling code, not a refusal by the broker; nothing was
+    sent or received.  Named after :class:`io.UnsupportedOperation`, which
+    reading a file opened for writing raises, and a ValueError like it.
+    """
 
 
 def for_code(code: str) -> type[ShmBrokerError]:

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ._sys import prctl as _prctl
 
@@ -41,7 +41,7 @@ DISABLE_ENV = "SHMBROKER_DISABLE_HARDENING"
 BROKER_CAPABILITIES = frozenset({_prctl.CAP_SYS_PTRACE})
 
 try:  # optional extra `prctl`: the maintained binding, preferred when present
-    import prctl as _python_prctl  # type: ignore[import-not-found]
+    import prctl as _python_prctl
 except ImportError:  # pragma: no cover - depends on the environment
     _python_prctl = None
 
@@ -88,9 +88,9 @@ def harden_process(*, keep_capabilities: Iterable[int] | None = None, drop_capab
     return report
 
 
-def _step(report: HardeningReport, name: str, fn: object) -> None:
+def _step(report: HardeningReport, name: str, fn: Callable[[], object]) -> None:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except (OSError, ValueError) as exc:
         report.skipped[name] = getattr(exc, "strerror", None) or str(exc)
     else:

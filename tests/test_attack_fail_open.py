@@ -25,7 +25,10 @@ def _cut_everywhere(path: str, payload: bytes) -> int:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(path)
         if i:
-            s.sendall(payload[:i])
+            try:
+                s.sendall(payload[:i])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a refused uid's connection may be closed before it finished writing
         s.close()
     return len(payload) + 1
 

@@ -4,6 +4,7 @@ workers, real brokers; the report is checked, and nothing may outlive it."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -260,3 +261,27 @@ def test_the_next_run_removes_what_a_killed_run_left(tmp_path: Path) -> None:
     assert [n for n in os.listdir("/tmp") if n.startswith(f"shmbench-{proc.pid}-")] == []
     stale = json.loads((tmp_path / "r.json").read_text())["cleanup"]["stale_removed"]
     assert f"/tmp/{tmpdirs[0]}" in stale
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("columns", [80, 40, 12])
+def test_the_progress_bar_fits_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """A line as wide as the terminal or wider wraps, and each redraw then
+    scrolls one line instead of replacing the last."""
+    from shmbroker._bench import progress
+
+    monkeypatch.setattr(progress.shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((columns, 24)))
+    out = _Terminal()
+    bar = progress.Progress(3, out)
+    for label in ("shmbroker 1048576 B throughput of a rather long peer name", "pipe 64 B latency", "x"):
+        bar.step(label)
+        bar.advance()
+    bar.finish()
+    *drawn, summary = out.getvalue().split("\n")[0].split("\r")  # the summary ends the bar with a newline
+    assert all(len(line) < columns for line in drawn), [len(line) for line in drawn]
+    assert any("1/3 pipe 64 B latency" in line for line in drawn) or columns < 30, drawn
+    assert out.getvalue().endswith(" s\n") and "bench: 3 measurements" in out.getvalue()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from helpers import BrokerProc, shm_leftovers
-from shmbroker import ShmClient
+from shmbroker import ShmClient, cli
 
 
 def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -21,7 +24,7 @@ def shmbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
 def test_help_describes_every_command() -> None:
     top = shmbroker("--help")
     assert top.returncode == 0
-    expected = {"serve": "--socket", "status": "--socket", "doctor": "--json", "bench": "--quick"}
+    expected = {"serve": "--socket", "status": "--socket", "check-config": "FILE", "doctor": "--json", "bench": "--quick"}
     for command, option in expected.items():
         assert command in top.stdout
         sub = shmbroker(command, "--help")
@@ -33,8 +36,20 @@ def test_second_broker_on_a_live_socket_is_refused(broker: BrokerProc) -> None:
     proc = shmbroker("serve", "--socket", broker.socket)
     assert proc.returncode == 1
     assert f"pid {broker.pid}" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # One line saying why, and nothing a broker that started would log
+    # (hardening, shutdown, "every segment was wiped").
+    assert proc.stderr.startswith("shmbroker: a broker is already running on") and proc.stderr.count("\n") == 1, proc.stderr
     broker.status()  # the first broker is untouched
+
+
+def test_a_socket_directory_others_may_use_is_refused_before_anything_is_logged(short_tmp: Path) -> None:
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    proc = shmbroker("serve", "--socket", str(shared / "broker.sock"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"shmbroker: socket directory {shared} already exists with mode 0755")
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_stale_socket_of_a_killed_broker_is_replaced(broker_factory: Any) -> None:
@@ -67,9 +82,19 @@ def test_status_json_and_text(broker: BrokerProc) -> None:
         text = shmbroker("status", "--socket", broker.socket)
     assert raw.returncode == 0 and text.returncode == 0
     status = json.loads(raw.stdout)
+    assert list(status)[0] == "schema" and status["schema"] == 1, "scripts check the schema first"
     assert status["broker"]["pid"] == broker.pid
     assert [c["name"] for c in status["channels"]] == ["frames"]
     assert "frames" in text.stdout and "producer" in text.stdout
+    assert re.search(r"  up \d+s\n", text.stdout), text.stdout
+
+
+@pytest.mark.parametrize(
+    "seconds, shown",
+    [(0, "0s"), (59.9, "59s"), (61, "1m 1s"), (3 * 3600 + 12 * 60 + 5, "3h 12m"), (2 * 86400 + 3 * 3600 + 59, "2d 3h")],
+)
+def test_uptime_reads_as_a_duration(seconds: float, shown: str) -> None:
+    assert cli._fmt_duration(seconds) == shown
 
 
 def test_bad_channel_argument_is_a_usage_error(short_tmp: Path) -> None:

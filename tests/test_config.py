@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shmbroker._broker.config import load_config, parse_size
 from shmbroker._broker.policy import Identity, default_policy
 from shmbroker.errors import ConfigError, PermissionDenied
+from shmbroker.limits import Limits
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -75,8 +78,9 @@ def test_good_config_loads(tmp_path: Path) -> None:
         ("[[rules]]\nuids = [1000]\nfoo = 1\n", r"rules\[0\]\.foo: unknown key"),
         ("[[rules]]\nchannels = ['*']\n", r"rules\[0\]: must name at least one of 'uids' or 'gids'"),
         ("[broker]\nsocket = 'relative.sock'\n[[rules]]\nuids=[1]\n", "broker.socket: must be an absolute path"),
-        ("[limits]\nmax_frame_size = 0\n[[rules]]\nuids=[1]\n", "limits: max_frame_size must be positive"),
-        ("[limits]\nmax_conections = 5\n[[rules]]\nuids=[1]\n", "limits: unknown limit 'max_conections'"),
+        ("[limits]\nmax_frame_size = 0\n[[rules]]\nuids=[1]\n", r"limits\.max_frame_size: must be positive, not 0"),
+        ("[limits]\nmax_conections = 5\n[[rules]]\nuids=[1]\n", r"limits\.max_conections: unknown limit; did you mean 'max_connections'\?"),
+        ("[channels.frames]\nsize = 1.5\n[[rules]]\nuids=[1]\n", r"channels\.frames\.size: 1\.5 is not a size"),
         ("[channels.frames]\nsize = '12 parsecs'\n[[rules]]\nuids=[1]\n", "channels.frames.size: .* is not a size"),
         ("[channels.frames]\nsize = 10\nbackend = 'sysv'\n[[rules]]\nuids=[1]\n", "channels.frames.backend: unknown backend 'sysv'"),
         ("[channels.'a/b']\nsize = 10\n[[rules]]\nuids=[1]\n", "channels.a/b: invalid channel name"),
@@ -149,3 +153,104 @@ def test_serve_refuses_bad_config_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert f"{path}: rules[0].bogus: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_error_in_the_file_is_reported_in_one_run(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[broker]
+socket = "relative.sock"
+sokcet_group = "video"
+
+[limits]
+max_frame_size = 0
+max_conections = 5
+
+[channels.frames]
+size = "12 parsecs"
+backend = "sysv"
+
+[channels.ok]
+size = "1MiB"
+
+[[rules]]
+uids = ["no-such-user-xyz", 1000]
+roles = ["admin"]
+
+[[rules]]
+gids = [44]
+create = "yes"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert lines == [
+        f"{path}: broker.sokcet_group: unknown key; did you mean 'socket_group'? (known: socket, socket_group, user)",
+        f"{path}: broker.socket: must be an absolute path",
+        f"{path}: limits.max_frame_size: must be positive, not 0",
+        f"{path}: limits.max_conections: unknown limit; did you mean 'max_connections'? (known: {KNOWN_LIMITS})",
+        f"{path}: channels.frames.size: '12 parsecs' is not a size; use bytes or a unit, e.g. 65536 or \"64KiB\"",
+        f"{path}: channels.frames.backend: unknown backend 'sysv' (known: posix, memfd)",
+        f"{path}: rules[0].uids: no such user: 'no-such-user-xyz'",
+        f"{path}: rules[0].roles: must list 'producer' and/or 'consumer'",
+        f"{path}: rules[1].create: must be true or false",
+    ]
+
+
+KNOWN_LIMITS = ", ".join(sorted(f.name for f in dataclasses.fields(Limits)))
+
+
+def test_a_script_named_in_executables_is_a_warning_that_says_why(tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    script.chmod(0o755)
+    data = tmp_path / "notes.txt"
+    data.write_text("not a program\n")
+    interpreter = os.path.realpath(sys.executable)
+    cfg = load_config(write(tmp_path, f"[[rules]]\nuids = [1000]\nexecutables = ['{script}', '{data}', '{interpreter}']\n"))
+    assert len(cfg.warnings) == 2, cfg.warnings
+    script_warning, data_warning = cfg.warnings
+    assert f"rules[0].executables: {script} is a script ('#!/usr/bin/env python3'), not an ELF binary, so this entry never matches" in script_warning
+    assert "/proc/PID/exe, which for a script is its interpreter" in script_warning
+    assert f"A Python client's executable is the Python interpreter running it (e.g. {interpreter})" in script_warning
+    assert f"{data} is not an ELF binary" in data_warning
+    # Warnings, not errors: the interpreter itself is a fine entry, and the file still loads.
+    assert len(cfg.policy.rules[0].executables.ids) == 3
+
+
+def check_config(path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shmbroker", "check-config", path], capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_exits_0_for_a_valid_file_and_prints_its_warnings(tmp_path: Path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text("#!/usr/bin/python3\n")
+    proc = check_config(write(tmp_path, GOOD + f"\n[[rules]]\nuids = [0]\nexecutables = ['{script}']\n"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{tmp_path / 'broker.toml'}: OK: 3 rules, 1 configured channel, 1 warning\n"
+    assert proc.stderr.startswith(f"warning: {tmp_path / 'broker.toml'}: rules[2].executables: {script} is a script")
+
+
+def test_check_config_exits_2_with_every_error_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "[broker]\nsocket = 'relative.sock'\n[[rules]]\nuids = ['no-such-user-xyz']\nbogus = 1\n")
+    proc = check_config(path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"{path}: broker.socket: must be an absolute path",
+        f"{path}: rules[0].bogus: unknown key (known: channels, create, executables, gids, roles, uids)",
+        f"{path}: rules[0].uids: no such user: 'no-such-user-xyz'",
+        f"{path}: 3 errors; `shmbroker serve` would refuse to start with this file",
+    ]
+    missing = check_config(str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "nope.toml: no such file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_serve_logs_config_warnings(tmp_path: Path, broker_factory: Any) -> None:
+    script = tmp_path / "client.py"
+    script.write_text("#!/usr/bin/python3\n")
+    path = write(tmp_path, f"[status]\nuids = [0]\n[[rules]]\nuids = [0]\nexecutables = ['{script}']\n")
+    broker = broker_factory("--config", path)
+    assert f"rules[0].executables: {script} is a script" in broker.log.read_text()

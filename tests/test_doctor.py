@@ -33,6 +33,26 @@ def test_doctor_text_output_names_consequences() -> None:
     out = subprocess.run([sys.executable, "-m", "shmbroker", "doctor"], capture_output=True, text=True, timeout=60)
     assert "leases" in out.stdout and "Traceback" not in out.stderr
     assert out.returncode in (0, 1, 2)
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("summary: ") and last.endswith(f"exit status {out.returncode}"), last
+
+
+def test_doctor_summary_says_what_its_exit_status_means() -> None:
+    ok = _doctor.Check("leases", _doctor.OK, "fine")
+    warn = _doctor.Check("ptrace restrictions", _doctor.WARN, "Yama absent", "same-uid ptrace")
+    fail = _doctor.Check("SO_PEERPIDFD", _doctor.FAIL, "none", "peers cannot be verified")
+    assert _doctor.summary([ok, ok]) == "summary: all 2 checks OK; exit status 0"
+    assert _doctor.summary([ok, warn]) == (
+        "summary: 1 OK, 1 warning (ptrace restrictions): the broker runs here with reduced protection "
+        "(the -> lines say what is lost); exit status 1"
+    )
+    assert _doctor.summary([ok, warn, fail]) == (
+        "summary: 1 OK, 1 warning (ptrace restrictions), 1 missing essential (SO_PEERPIDFD): the broker cannot "
+        "run securely here until that is fixed; exit status 2"
+    )
+    helptext = subprocess.run([sys.executable, "-m", "shmbroker", "doctor", "--help"], capture_output=True, text=True, timeout=60)
+    assert "0 every check OK; 1 warnings" in " ".join(helptext.stdout.split())
+    assert "2 missing essentials" in " ".join(helptext.stdout.split())
 
 
 def test_doctor_warns_about_a_small_mlock_limit_without_cap_ipc_lock() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from helpers import shm_leftovers
 
@@ -19,3 +20,28 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert "broker verified 2 peer(s)" in proc.stdout
     assert "objects left in /dev/shm: none" in proc.stdout
     assert shm_leftovers() <= before
+
+
+def test_the_readme_quickstart_consumer_first_then_producer(broker_factory: Any) -> None:
+    """The README's two-terminal quickstart, with the socket passed explicitly."""
+    broker = broker_factory("--channel", "events:1MiB:ring")
+    consumer = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "ring_consumer.py"), "--socket", broker.socket, "--count", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert consumer.stdout is not None
+        assert consumer.stdout.readline() == "consumer: attached to 'events', waiting for messages\n"
+        producer = subprocess.run(
+            [sys.executable, str(EXAMPLES / "ring_producer.py"), "--socket", broker.socket, "hello", "second message"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert producer.returncode == 0, producer.stderr
+        assert producer.stdout == "producer: sent 2 message(s) on 'events'\n"
+        out, err = consumer.communicate(timeout=60)
+        assert consumer.returncode == 0, err
+        assert out == "consumer: hello\nconsumer: second message\n"
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()

@@ -12,15 +12,17 @@ policy admits themselves at the next restart.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import grp
 import os
 import pwd
 import re
 import stat
+import sys
 import tomllib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from .. import _trust
 from ..errors import ConfigError
@@ -78,6 +80,10 @@ class BrokerConfig:
     # [broker] user: the only uid this broker may run as, and the one clients
     # reading this file (`shmbroker status --config`) accept as their broker.
     broker_user: int | None = None
+    # FILE: KEY: REASON for settings that load but cannot do what they seem
+    # to (an executable that can never match); `serve` logs them,
+    # `check-config` prints them.
+    warnings: tuple[str, ...] = ()
 
 
 def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConfig:
@@ -88,7 +94,7 @@ def load_config(path: str) -> BrokerConfig:
     try:
         data = tomllib.loads(_read_trusted(path).decode("utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
+        raise ConfigError(f"{path}: no such file; give the path of an existing config file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
     except OSError as exc:
@@ -161,153 +167,326 @@ def check_broker_user(config: BrokerConfig) -> None:
     )
 
 
+# The file's top-level tables; docs/config.md describes every key of each.
+SECTIONS = ("broker", "status", "limits", "channels", "rules")
+_BROKER_KEYS = ("socket", "socket_group", "user")
+_STATUS_KEYS = ("uids", "gids")
+_CHANNEL_KEYS = ("size", "backend", "wipe_when", "ring", "max_message")
+_RULE_KEYS = ("uids", "gids", "executables", "channels", "roles", "create")
+ELF_MAGIC = b"\x7fELF"
+
+_T = TypeVar("_T")
+
+
+class _Invalid(Exception):
+    """One key's problem.  The parser records it and goes on with the next
+    key, so a single run reports every problem in the file."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+
+class _Reported(Exception):
+    """A value whose problems were each recorded already: skip it, say nothing more."""
+
+
+def _unknown(name: str, known: Iterable[str], what: str = "key") -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what}{hint} (known: {', '.join(known)})"
+
+
+@dataclasses.dataclass
+class _RuleDraft:
+    """A rule whose every key checked out; its executables are opened (and
+    pinned) only once the whole file did, so a refused file pins nothing."""
+
+    principals: Principals
+    executables: list[str] | None
+    channels: tuple[str, ...]
+    roles: frozenset[str]
+    create: bool
+
+
 class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
 
-    def fail(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {key}: {reason}")
+    def fail(self, key: str, reason: str) -> _Invalid:
+        return _Invalid(key, reason)
 
-    def table(self, data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
-        value = data.get(key, {})
+    def report(self, key: str, reason: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {reason}")
+
+    def warn(self, key: str, reason: str) -> None:
+        self.warnings.append(f"{self.path}: {key}: {reason}")
+
+    def check(self, parse: Callable[[], _T], default: _T) -> _T:
+        """``parse()``, or ``default`` with its problem recorded."""
+        try:
+            return parse()
+        except _Invalid as exc:
+            self.report(exc.key, exc.reason)
+            return default
+        except _Reported:
+            return default
+
+    def table(self, value: Any, key: str, allowed: Iterable[str] | None) -> dict[str, Any]:
+        """``value`` as a table; each unknown key in it is a problem of its own (left out)."""
         if not isinstance(value, dict):
             raise self.fail(key, "must be a table")
-        unknown = sorted(set(value) - allowed) if allowed else []
-        if unknown:
-            raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
-        return value
+        if allowed is None:
+            return value
+        known = set(allowed)
+        for name in sorted(set(value) - known):
+            self.report(f"{key}.{name}", _unknown(name, known))
+        return {k: v for k, v in value.items() if k in known}
 
     def parse(self, data: dict[str, Any]) -> BrokerConfig:
-        unknown = sorted(set(data) - {"broker", "status", "limits", "channels", "rules"})
-        if unknown:
-            raise self.fail(unknown[0], "unknown section (known: broker, status, limits, channels, rules)")
-        broker = self.table(data, "broker", {"socket", "socket_group", "user"})
-        socket_path = broker.get("socket")
-        if socket_path is not None and (not isinstance(socket_path, str) or not os.path.isabs(socket_path)):
-            raise self.fail("broker.socket", "must be an absolute path")
+        for name in sorted(set(data) - set(SECTIONS)):
+            self.report(name, _unknown(name, SECTIONS, "section"))
+        broker: dict[str, Any] = self.check(lambda: self.table(data.get("broker", {}), "broker", _BROKER_KEYS), {})
+        socket_path = self.check(lambda: self.socket(broker.get("socket")), None)
         group = broker.get("socket_group")
-        socket_group = None if group is None else self.gid(group, "broker.socket_group")
+        socket_group = None if group is None else self.check(lambda: self.gid(group, "broker.socket_group"), None)
         user = broker.get("user")
-        broker_user = None if user is None else self.uid(self._numeric(user), "broker.user")
-
-        try:
-            limits = Limits.from_mapping(self.table(data, "limits", set()))
-        except ValueError as exc:
-            raise self.fail("limits", str(exc)) from None
-
-        channels = self.channels(self.table(data, "channels", set()), limits)
-        rules = self.rules(data.get("rules"))
-        status_table = self.table(data, "status", {"uids", "gids"})
+        broker_user = None if user is None else self.check(lambda: self.uid(self._numeric(user), "broker.user"), None)
+        limits = self.check(lambda: self.limits(self.table(data.get("limits", {}), "limits", None)), DEFAULT_LIMITS)
+        channels: dict[str, ChannelSpec] = self.check(lambda: self.channels(self.table(data.get("channels", {}), "channels", None), limits), {})
+        drafts: list[_RuleDraft] = self.check(lambda: self.rules(data.get("rules")), [])
+        status_table: dict[str, Any] = self.check(lambda: self.table(data.get("status", {}), "status", _STATUS_KEYS), {})
+        status = Principals(uids=frozenset({os.getuid()}))
         if status_table:
-            status = self.principals(status_table, "status")
-        else:
-            status = Principals(uids=frozenset({os.getuid()}))
+            status = self.check(lambda: self.principals(status_table, "status"), status)
+        if self.problems:
+            raise ConfigError("\n".join(self.problems))
         return BrokerConfig(
-            policy=Policy(rules=rules, status=status),
+            policy=Policy(rules=self.build_rules(drafts), status=status),
             channels=channels,
             limits=limits,
             socket_path=socket_path,
             socket_group=socket_group,
             source=self.path,
             broker_user=broker_user,
+            warnings=tuple(self.warnings),
         )
+
+    def socket(self, value: Any) -> str | None:
+        if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
+            raise self.fail("broker.socket", "must be an absolute path")
+        return value
+
+    def limits(self, table: dict[str, Any]) -> Limits:
+        """Each limit checked on its own, so every bad one is reported."""
+        known = {f.name for f in dataclasses.fields(Limits)}
+        good = {}
+        for name, value in table.items():
+            if name not in known:
+                self.report(f"limits.{name}", _unknown(name, known, "limit"))
+                continue
+            try:
+                Limits(**{name: value})
+            except ValueError as exc:
+                # Limits says "NAME must be ..."; the key already names it.
+                self.report(f"limits.{name}", str(exc).removeprefix(f"{name} "))
+                continue
+            good[name] = value
+        try:
+            return Limits(**good)
+        except ValueError as exc:
+            raise self.fail("limits", str(exc)) from None
 
     def channels(self, table: dict[str, Any], limits: Limits) -> dict[str, ChannelSpec]:
         specs = {}
         for name, body in table.items():
             key = f"channels.{name}"
             if not valid_channel_name(name):
-                raise self.fail(key, "invalid channel name (letters, digits, '.', '_', '-'; at most 64)")
+                self.report(key, "invalid channel name (letters, digits, '.', '_', '-'; at most 64)")
+                continue
             if not isinstance(body, dict):
-                raise self.fail(key, "must be a table with at least 'size'")
-            known = {"size", "backend", "wipe_when", "ring", "max_message"}
-            unknown = sorted(set(body) - known)
-            if unknown:
-                raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
-            if "size" not in body:
-                raise self.fail(f"{key}.size", "missing; give the payload size, e.g. \"16MiB\"")
-            try:
-                size = parse_size(body["size"])
-            except ValueError as exc:
-                raise self.fail(f"{key}.size", str(exc)) from None
-            if size > limits.max_segment_size:
-                raise self.fail(f"{key}.size", f"{size} exceeds limits.max_segment_size ({limits.max_segment_size})")
-            backend = body.get("backend", "posix")
-            if backend not in BACKENDS:
-                raise self.fail(f"{key}.backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-            wipe_when = body.get("wipe_when", "never")
-            if wipe_when not in WIPE_RULES:
-                raise self.fail(f"{key}.wipe_when", f"unknown rule {wipe_when!r} (known: {', '.join(WIPE_RULES)})")
-            ring = body.get("ring", False)
-            if not isinstance(ring, bool):
-                raise self.fail(f"{key}.ring", "must be true or false")
-            max_message = None
-            if "max_message" in body:
-                if not ring:
-                    raise self.fail(f"{key}.max_message", "only ring channels have messages; add ring = true")
-                try:
-                    max_message = parse_size(body["max_message"])
-                except ValueError as exc:
-                    raise self.fail(f"{key}.max_message", str(exc)) from None
-            if ring:
-                try:
-                    max_message = resolve_max_message(size, max_message)
-                except ValueError as exc:
-                    raise self.fail(f"{key}.max_message" if "max_message" in body else f"{key}.size", str(exc)) from None
-            specs[name] = ChannelSpec(
-                name=name, size=size, backend=backend, wipe_when=wipe_when, ring=ring, max_message=max_message
-            )
+                self.report(key, "must be a table with at least 'size'")
+                continue
+            spec = self.check(lambda: self.channel(name, self.table(body, key, _CHANNEL_KEYS), limits), None)
+            if spec is not None:
+                specs[name] = spec
         return specs
 
-    def rules(self, value: Any) -> tuple[Rule, ...]:
+    def channel(self, name: str, body: dict[str, Any], limits: Limits) -> ChannelSpec | None:
+        key = f"channels.{name}"
+        before = len(self.problems)
+        size = self.check(lambda: self.size(body, key, limits), None)
+        backend = body.get("backend", "posix")
+        if backend not in BACKENDS:
+            self.report(f"{key}.backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+        wipe_when = body.get("wipe_when", "never")
+        if wipe_when not in WIPE_RULES:
+            self.report(f"{key}.wipe_when", f"unknown rule {wipe_when!r} (known: {', '.join(WIPE_RULES)})")
+        ring = body.get("ring", False)
+        max_message = None
+        if not isinstance(ring, bool):
+            self.report(f"{key}.ring", "must be true or false")
+        elif "max_message" in body:
+            if not ring:
+                self.report(f"{key}.max_message", "only ring channels have messages; add ring = true")
+            else:
+                max_message = self.check(lambda: self.parse_size(body["max_message"], f"{key}.max_message"), None)
+        if len(self.problems) > before or size is None:
+            return None
+        if ring:
+            try:
+                max_message = resolve_max_message(size, max_message)
+            except ValueError as exc:
+                raise self.fail(f"{key}.max_message" if "max_message" in body else f"{key}.size", str(exc)) from None
+        return ChannelSpec(name=name, size=size, backend=backend, wipe_when=wipe_when, ring=ring, max_message=max_message)
+
+    def size(self, body: dict[str, Any], key: str, limits: Limits) -> int:
+        if "size" not in body:
+            raise self.fail(f"{key}.size", "missing; give the payload size, e.g. \"16MiB\"")
+        size = self.parse_size(body["size"], f"{key}.size")
+        if size > limits.max_segment_size:
+            raise self.fail(f"{key}.size", f"{size} exceeds limits.max_segment_size ({limits.max_segment_size})")
+        return size
+
+    def parse_size(self, value: Any, key: str) -> int:
+        try:
+            return parse_size(value)
+        except (ValueError, TypeError) as exc:
+            raise self.fail(key, str(exc) if isinstance(exc, ValueError) else f"{value!r} is not a size") from None
+
+    def rules(self, value: Any) -> list[_RuleDraft]:
         if value is None:
             raise self.fail("rules", "missing; add at least one [[rules]] table, or nobody can attach")
         if not isinstance(value, list) or not value:
             raise self.fail("rules", "must be a non-empty array of tables ([[rules]])")
-        rules = []
-        allowed = {"uids", "gids", "executables", "channels", "roles", "create"}
+        drafts = []
         for i, body in enumerate(value):
             key = f"rules[{i}]"
             if not isinstance(body, dict):
-                raise self.fail(key, "must be a table")
-            unknown = sorted(set(body) - allowed)
-            if unknown:
-                raise self.fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
-            principals = self.principals(body, key)
-            executables = None
-            if "executables" in body:
-                paths = self.strings(body["executables"], f"{key}.executables")
-                for path in paths:
-                    if not os.path.isabs(path):
-                        raise self.fail(f"{key}.executables", f"{path!r} is not an absolute path")
-                try:
-                    executables = Executables.from_paths(paths)
-                except OSError as exc:
-                    raise self.fail(f"{key}.executables", f"{exc.filename}: {exc.strerror}") from None
-            channels = tuple(self.strings(body.get("channels", ["*"]), f"{key}.channels"))
-            roles = frozenset(self.strings(body.get("roles", sorted(ROLES)), f"{key}.roles"))
-            if not roles or not roles <= ROLES:
-                raise self.fail(f"{key}.roles", "must list 'producer' and/or 'consumer'")
-            create = body.get("create", False)
-            if not isinstance(create, bool):
-                raise self.fail(f"{key}.create", "must be true or false")
-            rules.append(Rule(principals, executables, channels, roles, create))
+                self.report(key, "must be a table")
+                continue
+            draft = self.check(lambda: self.rule(self.table(body, key, _RULE_KEYS), key), None)
+            if draft is not None:
+                drafts.append(draft)
+        return drafts
+
+    def rule(self, body: dict[str, Any], key: str) -> _RuleDraft | None:
+        before = len(self.problems)
+        principals = self.check(lambda: self.principals(body, key), None)
+        executables = None
+        if "executables" in body:
+            executables = self.check(lambda: self.executables(body["executables"], f"{key}.executables"), None)
+        no_strings: list[str] = []
+        channels = tuple(self.check(lambda: self.strings(body.get("channels", ["*"]), f"{key}.channels"), no_strings))
+        roles = frozenset(self.check(lambda: self.strings(body.get("roles", sorted(ROLES)), f"{key}.roles"), sorted(ROLES)))
+        if not roles or not roles <= ROLES:
+            self.report(f"{key}.roles", "must list 'producer' and/or 'consumer'")
+        create = body.get("create", False)
+        if not isinstance(create, bool):
+            self.report(f"{key}.create", "must be true or false")
+        if len(self.problems) > before or principals is None:
+            return None
+        return _RuleDraft(principals, executables, channels, roles, create)
+
+    def executables(self, value: Any, key: str) -> list[str]:
+        paths = self.strings(value, key)
+        good = []
+        for path in paths:
+            if not os.path.isabs(path):
+                self.report(key, f"{path!r} is not an absolute path")
+                continue
+            try:
+                os.stat(path)
+            except OSError as exc:
+                self.report(key, f"{path}: {exc.strerror}")
+                continue
+            self.check_binary(path, key)
+            good.append(path)
+        if len(good) < len(paths):
+            raise _Reported
+        return good
+
+    def check_binary(self, path: str, key: str) -> None:
+        """Warn about an entry that can never match: the broker compares
+        /proc/PID/exe, the binary the kernel runs, and for a script that is
+        its interpreter, never the script."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return  # unreadable to us (mode 0711, say): it may well be a binary
+        try:
+            st = os.fstat(fd)
+            head = os.read(fd, 128) if stat.S_ISREG(st.st_mode) else b""
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            self.warn(key, f"{path} is not a regular file, so no process can run it and this entry never matches")
+        elif head.startswith(b"#!"):
+            shebang = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+            self.warn(
+                key,
+                f"{path} is a script ({shebang!r}), not an ELF binary, so this entry never matches: the broker "
+                "matches /proc/PID/exe, which for a script is its interpreter. A Python client's executable is "
+                "the Python interpreter running it (e.g. " + os.path.realpath(sys.executable) + "); name the "
+                "interpreter instead, and tell clients apart by uids and gids",
+            )
+        elif not head.startswith(ELF_MAGIC):
+            self.warn(
+                key,
+                f"{path} is not an ELF binary, so this entry never matches: the broker matches /proc/PID/exe, "
+                "the binary the kernel runs; name that binary",
+            )
+
+    def build_rules(self, drafts: list[_RuleDraft]) -> tuple[Rule, ...]:
+        rules = []
+        try:
+            for i, d in enumerate(drafts):
+                executables = None
+                if d.executables is not None:
+                    try:
+                        executables = Executables.from_paths(d.executables)
+                    except OSError as exc:  # replaced or removed since it was checked
+                        raise ConfigError(f"{self.path}: rules[{i}].executables: {exc.filename}: {exc.strerror}") from None
+                rules.append(Rule(d.principals, executables, d.channels, d.roles, d.create))
+        except BaseException:
+            for rule in rules:
+                if rule.executables is not None:
+                    for fd in rule.executables.pins:
+                        os.close(fd)
+            raise
         return tuple(rules)
 
     def principals(self, body: dict[str, Any], key: str) -> Principals:
-        uids = [self.uid(u, f"{key}.uids") for u in self.list(body.get("uids", []), f"{key}.uids")]
-        gids = [self.gid(g, f"{key}.gids") for g in self.list(body.get("gids", []), f"{key}.gids")]
-        if not uids and not gids:
+        uids = self.ids(body.get("uids", []), f"{key}.uids", self.uid)
+        gids = self.ids(body.get("gids", []), f"{key}.gids", self.gid)
+        if not body.get("uids") and not body.get("gids"):
             raise self.fail(key, "must name at least one of 'uids' or 'gids' (who the rule is for)")
+        if uids is None or gids is None:
+            raise _Reported
         return Principals(frozenset(uids), frozenset(gids))
 
-    def list(self, value: Any, key: str) -> list[Any]:
+    def ids(self, value: Any, key: str, resolve: Callable[[Any, str], int]) -> list[int] | None:
+        """Every id in the array, or None once each bad one has been reported."""
+        items = self.check(lambda: self.array(value, key), None)
+        if items is None:
+            return None
+        before = len(self.problems)
+        ids = [self.check(lambda: resolve(item, key), -1) for item in items]
+        return None if len(self.problems) > before else ids
+
+    def array(self, value: Any, key: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(key, "must be an array")
         return value
 
     def strings(self, value: Any, key: str) -> list[str]:
-        items = self.list(value, key)
+        items = self.array(value, key)
         if not all(isinstance(v, str) and v for v in items):
             raise self.fail(key, "must be an array of non-empty strings")
         return items

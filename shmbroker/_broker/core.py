@@ -30,7 +30,6 @@ from .._ring.broker import RingState
 from .._ring.layout import CONSUMER_FD_NAMES, producer_fd_names
 from .._ring.layout import resolve_max_message
 from .._wire import messages as m
-from .._wire.vocabulary import Role
 from ..errors import (
     ChannelBusy,
     ChannelNotFound,
@@ -382,7 +381,7 @@ class BrokerCore:
     def _attach(self, member: Member, request: m.Attach) -> list[Action]:
         identity = member.identity
         self.policy.authorize_attach(identity, request.channel, request.role)
-        if request.role == Role.CONSUMER:
+        if request.role == "consumer":
             self._check_read_only_holds(identity, request.channel)
         channel = self.channels.get(request.channel)
         if channel is None:
@@ -422,7 +421,7 @@ class BrokerCore:
         channel, for which read-only is no boundary.  A broker running as a
         user of its own (the shipped units' `shmbroker`) never meets this."""
         owner = self.euid
-        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, Role.PRODUCER):
+        if identity.uid != owner or owner == 0 or self.policy.permits(identity, channel, "producer"):
             return
         raise PermissionDenied(
             f"permission denied: uid {identity.uid} is the broker's own uid, so it owns every segment the broker "
@@ -435,7 +434,7 @@ class BrokerCore:
         identity = member.identity
         segment, ring = channel.segment, channel.ring
         assert segment is not None
-        consumer = request.role == Role.CONSUMER
+        consumer = request.role == "consumer"
         nfds = 1 + (0 if ring is None else len(CONSUMER_FD_NAMES if consumer else producer_fd_names()))
         # Charged before anything changes, so a refusal leaves nothing behind.
         charge = self.ledger.charge(member.uid, fds=nfds)
@@ -448,7 +447,9 @@ class BrokerCore:
             # ring's control page and their own cursor page, memfds of their own
             # (_ring/broker.py).
             read_only = consumer and segment.readonly_fd >= 0
-            fds, fd_names, slot = [segment.readonly_fd if read_only else segment.fd], ("segment",), None
+            fds: list[int] = [segment.readonly_fd if read_only else segment.fd]
+            fd_names: tuple[str, ...] = ("segment",)
+            slot: int | None = None
             if ring is not None:
                 if not consumer:
                     other = ring.producer
@@ -502,7 +503,7 @@ class BrokerCore:
                 f"channel {request.channel!r} does not exist; a producer creates it by attaching with size=N"
             )
         if not self.policy.may_create(identity, request.channel, request.role):
-            if request.role != Role.PRODUCER:
+            if request.role != "producer":
                 raise ChannelNotFound(
                     f"channel {request.channel!r} does not exist and only producers may create channels"
                 )
@@ -635,7 +636,7 @@ class BrokerCore:
         log.info("detached pid %d from channel %r", member.identity.pid, channel.name)
         if not channel.members and not channel.waiting:
             self._release_segment(channel, actions=actions)
-        elif member.role == Role.PRODUCER and segment is channel.segment:
+        elif member.role == "producer" and segment is channel.segment:
             self._apply_liveness_rule(channel, actions)
 
     def rechecked(self, recheck: Recheck, reason: str | None) -> list[Action]:
@@ -655,7 +656,7 @@ class BrokerCore:
         """``wipe_when = "producer_gone"``: no producer left, so wipe for the consumers too."""
         if channel.spec.wipe_when != "producer_gone" or channel.segment is None:
             return
-        if any(s.role == Role.PRODUCER for s in channel.members):
+        if any(s.role == "producer" for s in channel.members):
             return
         generation = channel.segment.generation
         self._revoke(channel, actions=actions)

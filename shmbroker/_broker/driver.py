@@ -54,6 +54,7 @@ from .._wire.connection import CLOSED, NEED_DATA, PAUSED, Connection, Side
 from ..errors import LimitExceeded, ProtocolError
 from . import auth
 from .auth import AuthError, Verifier
+from .inspector import InspectorError
 from .config import BrokerConfig, check_broker_user
 from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Recheck, Schedule, Send, error_reply
 from .listener import LISTEN_BACKLOG, Listener
@@ -503,6 +504,9 @@ class Broker:
         # now rather than after another turn of the loop.
         self._read(session)
 
+    def _requeue(self, pending: Unverified) -> None:
+        self.scheduler.add(pending.uid, lambda: self._verify(pending), new=True)
+
     def _reject(self, pending: Unverified, exc: Exception) -> None:
         if not isinstance(exc, AuthError):
             log.exception("peer verification failed unexpectedly")
@@ -536,7 +540,7 @@ class Broker:
         inspector = self.verifier.inspector
         try:
             if inspector is None:
-                raise auth.InspectorError(errno.EIO, "exe inspector is gone")
+                raise InspectorError(errno.EIO, "exe inspector is gone")
             answers = inspector.collect()
         except OSError as exc:
             # Gone for good: every open question fails (closed: rejections,
@@ -549,12 +553,11 @@ class Broker:
                 then(exc)
             return
         for seq, result in answers:
-            then = self._asked.pop(seq, None)
-            if then is not None:
-                then(result)
+            answer = self._asked.pop(seq, None)
+            if answer is not None:
+                answer(result)
         while self._awaiting_inspector and len(self._asked) < MAX_QUESTIONS:
-            pending = self._awaiting_inspector.popleft()
-            self.scheduler.add(pending.uid, lambda p=pending: self._verify(p), new=True)
+            self._requeue(self._awaiting_inspector.popleft())
 
     def _refuse(self, sock: socket.socket, error: m.Error) -> None:
         """Tell a peer we will not serve it, without ever waiting on it."""

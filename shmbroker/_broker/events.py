@@ -79,18 +79,20 @@ class EventLog:
         channel: str | None = None, who: Who | None = None,
     ) -> SecurityEvent:
         who = who or Who()
-        fields = {
-            "pid": who.pid if pid is None else pid,
-            "uid": who.uid if uid is None else uid,
-            "channel": who.channel if channel is None else channel,
-            "gid": who.gid, "exe": who.exe, "role": who.role, "rule": who.rule,
-        }
+        who = dataclasses.replace(
+            who, pid=who.pid if pid is None else pid, uid=who.uid if uid is None else uid,
+            channel=who.channel if channel is None else channel,
+        )
+        fields = dataclasses.asdict(who)
         name = kind.value if isinstance(kind, EventKind) else str(kind)
         if not isinstance(kind, EventKind):
             # Only a bug gets here (the type says EventKind).  Bookkeeping
             # must never take the broker down: keep the event and say so.
             log.error("undeclared security event kind %r", name)
-        event = SecurityEvent(kind=kind, time=time.time(), detail=detail, **fields)
+        event = SecurityEvent(
+            kind=kind, time=time.time(), detail=detail, pid=who.pid, uid=who.uid, channel=who.channel,
+            gid=who.gid, exe=who.exe, role=who.role, rule=who.rule,
+        )
         (self._peer_events if kind in PEER_KINDS else self._segment_events).append(event)
         self.counters[name] += 1
         log.warning(

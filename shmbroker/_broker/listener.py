@@ -74,6 +74,27 @@ class Listener:
         self.sock = sock
         return sock
 
+    def check_free(self) -> None:
+        """Raise now what :meth:`open` would raise for a path another broker
+        serves, or one under directories others could write; create and
+        change nothing.  `serve` calls this before it hardens itself and
+        logs anything, so a refused start prints the reason and no more.
+
+        open() checks again, under the directory lock: a broker that starts
+        between the two is still refused there."""
+        self._check_ancestors()
+        try:
+            self._check_directory(os.lstat(self.directory), 0o750 if self.group is not None else 0o700)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return  # no directory yet, so no broker; anything else, open() explains
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrokerAlreadyRunning(self._running_message()) from None
+        finally:
+            os.close(dir_fd)  # and with it the lock, if we took it
+
     def adopt(self, sock: socket.socket) -> socket.socket:
         """Use a socket handed over by systemd; it owns the path, we do not unlink it."""
         sock.setblocking(False)
@@ -123,7 +144,15 @@ class Listener:
             ) from None
         except PermissionError:
             raise ConfigError(f"cannot create socket directory {self.directory}: permission denied") from None
-        st = os.lstat(self.directory)
+        self._check_directory(os.lstat(self.directory), mode)
+        # Ours, or no more open than ours should be: set exactly our mode
+        # (mkdir's went through the umask; a configured group needs g+rx).
+        os.chmod(self.directory, mode)
+        if self.group is not None:
+            os.chown(self.directory, -1, self.group)
+
+    def _check_directory(self, st: os.stat_result, mode: int) -> None:
+        """Refuse a socket directory that is not ours to use (see _prepare_directory)."""
         if not stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"{self.directory} is not a directory; pick another --socket path")
         if st.st_uid != os.geteuid():
@@ -142,11 +171,6 @@ class Listener:
                 f"e.g. --socket {os.path.join(self.directory, 'shmbroker', os.path.basename(self.path))}, "
                 f"or run `chmod {mode:o} {self.directory}` if it is meant for the broker alone"
             )
-        # Ours, or no more open than ours should be: set exactly our mode
-        # (mkdir's went through the umask; a configured group needs g+rx).
-        os.chmod(self.directory, mode)
-        if self.group is not None:
-            os.chown(self.directory, -1, self.group)
 
     def _lock_directory(self) -> None:
         # flock on the directory itself: no lock file to leave behind, and the

@@ -120,8 +120,13 @@ async def wait_async(
             timeout = _sleep_budget(deadline, max_sleep)
             if timeout is not None and timeout <= 0:
                 return False
-            woken = loop.create_future()
-            loop.add_reader(fd, lambda: woken.done() or woken.set_result(None))
+            woken: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            loop.add_reader(fd, wake)
             try:
                 await asyncio.wait_for(woken, timeout)
             except asyncio.TimeoutError:

@@ -24,7 +24,7 @@ def pass_credentials(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> int:
+def send_with_fds(sock: socket.socket, data: bytes | memoryview, fds: list[int]) -> int:
     if not fds:
         return sock.send(data)
     return sock.sendmsg(

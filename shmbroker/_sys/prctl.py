@@ -48,7 +48,7 @@ _capset.restype = ctypes.c_int
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    result = _prctl(option, arg2, arg3, arg4, arg5)
+    result: int = _prctl(option, arg2, arg3, arg4, arg5)
     if result < 0:
         raise_errno(f"prctl({option})")
     return result
@@ -80,9 +80,10 @@ def get_caps() -> tuple[int, int, int]:
     data = (_CapData * 2)()
     if _capget(ctypes.byref(header), ctypes.byref(data)) < 0:
         raise_errno("capget")
-    return tuple(  # type: ignore[return-value]
-        getattr(data[0], f) | (getattr(data[1], f) << 32) for f in ("effective", "permitted", "inheritable")
+    effective, permitted, inheritable = (
+        int(getattr(data[0], f) | (getattr(data[1], f) << 32)) for f in ("effective", "permitted", "inheritable")
     )
+    return effective, permitted, inheritable
 
 
 def set_caps(effective: int, permitted: int, inheritable: int) -> None:

@@ -15,7 +15,7 @@ _shm_unlink.restype = ctypes.c_int
 
 
 def shm_open(name: str, flags: int, mode: int) -> int:
-    fd = _shm_open(name.encode(), flags, mode)
+    fd: int = _shm_open(name.encode(), flags, mode)
     if fd < 0:
         raise_errno(f"shm_open({name!r})")
     return fd

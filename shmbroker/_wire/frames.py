@@ -44,7 +44,7 @@ class FrameDecoder:
         """Whether :meth:`next_frame` would return a frame (or raise) without more data."""
         if len(self._buf) < PREFIX_SIZE:
             return False
-        (length,) = _LENGTH.unpack_from(self._buf)
+        length: int = _LENGTH.unpack_from(self._buf)[0]
         return length == 0 or length > self._max_frame_size or len(self._buf) >= PREFIX_SIZE + length
 
     def next_frame(self) -> bytes | None:

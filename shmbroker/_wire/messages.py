@@ -16,11 +16,10 @@ from typing import Any, ClassVar
 import msgpack
 
 from ..errors import ProtocolError
-from .vocabulary import ErrorCode, Role
+from .vocabulary import ROLES, ErrorCode, Role
 
 PROTOCOL_NAME = "shmbroker"
 PROTOCOL_VERSION = 1
-ROLES = tuple(role.value for role in Role)
 # Same spirit as D-Bus name rules: short, printable, no path separators, so a
 # name is safe in logs, file names and status output.
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -49,7 +48,7 @@ class Hello(Message):
 class Attach(Message):
     TYPE: ClassVar[str] = "attach"
     channel: str
-    role: str
+    role: Role
     size: int | None = None
     # Ring channels (issue 3).  Optional fields are left out of the frame
     # while they hold their default, so brokers that predate them still
@@ -89,7 +88,7 @@ class Attached(Message):
 
     TYPE: ClassVar[str] = "attached"
     channel: str
-    role: str
+    role: Role
     size: int
     generation: int
     layout: int
@@ -197,7 +196,8 @@ def encode(message: Message) -> bytes:
         if not schema[field.name][1] and value is field.default:
             continue  # optional and at its default: omitted (see Attach)
         body[field.name] = list(value) if isinstance(value, tuple) else value
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def decode(body: bytes, allowed: Mapping[str, type[Message]]) -> Message:

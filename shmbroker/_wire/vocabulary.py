@@ -1,16 +1,24 @@
 """The protocol's vocabulary, declared once: roles, error codes, security
-event kinds.  The broker, the client and `status` all speak these; each is a
-``str`` enum, so its members compare equal to (and serialize as) their
-wire strings."""
+event kinds.  The broker, the client and `status` all speak these.  Roles
+are a Literal type, which the public API (``shmbroker.Role``) shows as the
+two strings a caller passes; error codes and event kinds are ``str`` enums,
+whose members compare equal to (and serialize as) their wire strings."""
 
 from __future__ import annotations
 
 import enum
+from typing import Literal, get_args
 
+Role = Literal["producer", "consumer"]
+# An alias has no docstring of its own; help(shmbroker.Role) shows this one.
+Role.__doc__ = """How a peer attaches to a channel: ``"producer"`` or ``"consumer"``.
 
-class Role(str, enum.Enum):
-    PRODUCER = "producer"
-    CONSUMER = "consumer"
+A producer writes (and, passing ``size=``, may create the channel); a
+consumer reads through a read-only mapping.  A typo such as ``"consumr"``
+is a type error for mypy, and a ValueError at run time."""
+
+# Every valid role, in the order messages list them; the one place they are spelled.
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 class ErrorCode(str, enum.Enum):

@@ -47,7 +47,7 @@ class _SlotReader(Receiver):
         lane.full.acquire()
         off = (self.i % SLOTS) * lane.stride
         self.i += 1
-        (n,) = _LEN.unpack_from(lane.buf, off)
+        n: int = _LEN.unpack_from(lane.buf, off)[0]
         copy_into(buf, lane.buf[off + _LEN.size : off + _LEN.size + n])
         lane.empty.release()
         return n

@@ -75,7 +75,7 @@ class _RingLane(Lane):
     def open_sender(self) -> Sender:
         from ... import ShmClient
 
-        att = ShmClient.attach(  # type: ignore[call-arg]
+        att = ShmClient.attach(
             self.channel,
             "producer",
             socket_path=self.socket_path,

@@ -42,7 +42,7 @@ def main() -> int:
     finally:
         bench.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    join, create = latency["latency_us"], latency["create_latency_us"]
+    join, create, floor = latency["latency_us"], latency["create_latency_us"], latency["floor_us"]
     m = describe()
     print(f"machine: {m['cpu_model']}, {m['cores']} cpus, Linux {m['kernel']}, Python {m['python']}, "
           f"load {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
@@ -51,6 +51,8 @@ def main() -> int:
     print(f"  joining a live channel: median {join['p50']:.0f} us, p99 {join['p99']:.0f} us, "
           f"min {join['min']:.0f} us, max {join['max']:.0f} us")
     print(f"  creating the channel:   median {create['p50']:.0f} us, p99 {create['p99']:.0f} us")
+    print(f"  floor (a bare authenticated fd handoff, same run): median {floor['p50']:.0f} us; "
+          f"joining is {latency['ratio_to_floor']:.2f}x the floor")
     print(f"attach rate with {rate['clients']} concurrent client processes for {rate['seconds']:.1f} s: "
           f"{rate['attaches_per_s']:.0f} attaches/s ({rate['attaches']} attaches)")
     return 0

@@ -1,6 +1,7 @@
 """Attach cost: one client's connect-to-mapped latency (attaching to an
-existing channel, and creating one), and the broker's attach rate when many
-clients attach and close at once.
+existing channel, and creating one) beside the floor of a bare authenticated
+fd handoff measured in the same run (handoff.py), and the broker's attach
+rate when many clients attach and close at once.
 
 Uses only the core API (ShmClient.attach and Attachment.close) against a
 private broker with one predeclared channel; every client is its own process.
@@ -45,6 +46,19 @@ def _attach_loop(ready: Ready, socket_path: str, count: int, size: int) -> None:
     from .. import ShmClient
 
     _timed_attaches(ready, count, size, lambda i: ShmClient.attach(CHANNEL, "consumer", socket_path=socket_path))
+
+
+def _floor_loop(ready: Ready, socket_path: str, count: int, size: int) -> None:
+    """The bare authenticated fd handoff (handoff.py), timed the same way."""
+    from pathlib import Path
+
+    from .handoff import BareServer
+
+    server = BareServer(Path(socket_path).parent, size)
+    try:
+        _timed_attaches(ready, count, size, lambda i: server.attach())
+    finally:
+        server.stop()
 
 
 def _create_loop(ready: Ready, socket_path: str, count: int, size: int) -> None:
@@ -100,7 +114,7 @@ class AttachBench:
         from .workloads import samples
 
         figures: dict[str, Any] = {"attaches": count}
-        for key, fn in (("latency_us", _attach_loop), ("create_latency_us", _create_loop)):
+        for key, fn in (("floor_us", _floor_loop), ("latency_us", _attach_loop), ("create_latency_us", _create_loop)):
             holder = self._holder() if fn is _attach_loop else None
             try:
                 group = WorkerGroup(timeout=STALL_ALLOWANCE)
@@ -110,6 +124,7 @@ class AttachBench:
                 if holder is not None:
                     holder.close()
             figures[key] = summarize_ns(samples(result["attach_ns"]))
+        figures["ratio_to_floor"] = figures["latency_us"]["p50"] / figures["floor_us"]["p50"]
         return figures
 
     def rate(self, clients: int, seconds: float) -> dict[str, Any]:

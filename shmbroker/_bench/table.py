@@ -80,6 +80,12 @@ def render(report: dict[str, Any]) -> str:
             f"attach (connect to mapped, {attach['latency']['attaches']} attaches): p50 {_us(lat['p50'])} us, "
             f"p99 {_us(lat['p99'])} us, p99.9 {_us(lat['p99_9'])} us"
         )
+        floor = attach["latency"].get("floor_us")
+        if floor:
+            out.append(
+                f"  floor, a bare authenticated fd handoff (accept, SO_PEERCRED, exe stat, memfd, SCM_RIGHTS, map): "
+                f"p50 {_us(floor['p50'])} us; shmbroker is {attach['latency']['ratio_to_floor']:.2f}x the floor"
+            )
         create = attach["latency"]["create_latency_us"]
         out.append(
             f"attach creating the channel (producer, new segment): p50 {_us(create['p50'])} us, "

@@ -189,6 +189,8 @@ class Broker:
         self._inspector_fd = -1
         # Members that left but whose re-check is still out: their pidfd stays open until it is in.
         self._rechecking: set[Member] = set()
+        # Sessions with replies queued in this turn, written at its end.
+        self._pending_flush: set[Session] = set()
 
     @property
     def events(self) -> Any:
@@ -313,7 +315,9 @@ class Broker:
             timeout = min([self._next_sweep - now, *(d - now for d in deadlines), *([ping] if ping is not None else [])])
         for key, mask in self.selector.select(max(timeout, 0.0)):
             key.data(key, mask)
+        self._flush_pending()
         self.scheduler.run_round()
+        self._flush_pending()
         now = time.monotonic()
         self._recheck_unread(now)
         # From the loop itself: a stuck loop must stop the pings.
@@ -613,8 +617,8 @@ class Broker:
 
         It is read from only when nothing of it waits here: a peer that
         pipelines fills its own socket buffer, not the broker's memory."""
-        if session.closed:
-            return
+        if session.closed or session in self._pending_flush:
+            return  # settled once its replies are written, at the end of this turn
         if session.outbox:
             self._want(session, selectors.EVENT_WRITE)
         elif session.member.parked:
@@ -640,7 +644,7 @@ class Broker:
 
     def _step(self, session: Session) -> bool:
         """The session's turn: handle one request; True to be called again."""
-        if session.closed or session.outbox or session.member.parked:
+        if session.closed or self._blocked(session) or session.member.parked:
             session.queued = False
             return False
         if session.conn.request_waiting and session.reply_charge is not None and not self._reply_read(session):
@@ -672,11 +676,16 @@ class Broker:
             return False
         assert isinstance(event, m.Message)
         self._apply(self.core.request(session.member, event))
-        if session.closed or session.outbox or session.member.parked:
+        if session.closed or self._blocked(session) or session.member.parked or session.close_after_flush:
             session.queued = False
             self._settle(session)
             return False
         return True
+
+    @staticmethod
+    def _blocked(session: Session) -> bool:
+        """Its socket is full: nothing more from it until what is queued is written."""
+        return session.interest == selectors.EVENT_WRITE
 
     def _recheck_unread(self, now: float) -> None:
         for session in [s for s in self._waiting_read if s.recheck_at <= now]:
@@ -688,7 +697,7 @@ class Broker:
 
     def _reply_read(self, session: Session) -> bool:
         """True (and the reply's fd charge released) once the peer read our last fds."""
-        if _unread(session.sock):
+        if session.outbox or _unread(session.sock):
             return False
         if session.reply_charge is not None:
             session.reply_charge.release()
@@ -720,7 +729,14 @@ class Broker:
             elif isinstance(action, Close):
                 session.close_after_flush = True
                 touched.append(session)
-        for session in touched:
+        # Written when the current turn of work is over (_flush_pending), so
+        # the replies to a pipelined hello+attach leave in one write and the
+        # client wakes once, not once per reply.
+        self._pending_flush.update(touched)
+
+    def _flush_pending(self) -> None:
+        while self._pending_flush:
+            session = self._pending_flush.pop()
             if session.closed:
                 continue
             if session.outbox:
@@ -809,6 +825,7 @@ class Broker:
         if session.closed:
             return
         session.closed = True
+        self._pending_flush.discard(session)
         self.sessions.pop(session.sock.fileno(), None)
         self._by_member.pop(session.member, None)
         self._waiting_read.discard(session)

@@ -24,9 +24,13 @@ def main() -> int:
     parser.add_argument("--channel", default="demo")
     parser.add_argument("--timeout", type=float, default=30.0, help="give up after this many seconds")
     parser.add_argument("--hold", action="store_true", help="stay attached until a line arrives on stdin")
+    parser.add_argument(
+        "--wait", type=float, default=None, metavar="SECONDS",
+        help="wait this long for the channel if it does not exist yet (default: do not wait)",
+    )
     args = parser.parse_args()
     try:
-        with ShmClient.attach(args.channel, "consumer", socket_path=args.socket) as att:
+        with ShmClient.attach(args.channel, "consumer", socket_path=args.socket, wait=args.wait) as att:
             print(f"consumer pid {os.getpid()}: attached, waiting for data", flush=True)
             deadline = time.monotonic() + args.timeout
             while (length := READY.unpack_from(att.buf, 0)[0]) == 0:

@@ -22,9 +22,14 @@ def main() -> int:
     parser.add_argument("--channel", default="events", help="ring channel (default: events)")
     parser.add_argument("--socket", help="the broker's socket (default: the standard path)")
     parser.add_argument("--count", type=int, help="exit after this many messages (default: run until Ctrl-C)")
+    parser.add_argument(
+        "--wait", type=float, default=None, metavar="SECONDS",
+        help="if the channel does not exist yet, or has no producer, wait this long for them "
+        "(default: attach at once; a channel the broker declares can be joined before its producer)",
+    )
     args = parser.parse_args()
     try:
-        with ShmClient.attach(args.channel, "consumer", socket_path=args.socket) as consumer:
+        with ShmClient.attach(args.channel, "consumer", socket_path=args.socket, wait=args.wait) as consumer:
             print(f"consumer: attached to {consumer.channel!r}, waiting for messages", flush=True)
             received = 0
             while args.count is None or received < args.count:

@@ -453,8 +453,15 @@ class ShmClient:
         timeout: float = 5.0,
         harden: bool = False,
         broker_uid: int | str | None = None,
+        wait: float | None = None,
     ) -> Attachment:
         """Attach to ``channel`` as ``"producer"`` or ``"consumer"``.
+
+        ``wait=SECONDS`` (consumers): if the channel does not exist yet, or is
+        a ring without a producer, the broker holds the request until it does
+        (a producer attaches) and answers then; after ``wait`` seconds it
+        raises :class:`~shmbroker.errors.Timeout`.  No polling: start the
+        consumer first.  ``timeout`` then covers only the rest of the attach.
 
         A producer passing ``size=`` creates the channel if it does not exist
         and the broker's policy allows it; with ``ring=True`` the new channel
@@ -493,16 +500,24 @@ class ShmClient:
                 resolve_max_message(size, max_message)
             except ValueError as exc:
                 raise ValueError(f"cannot create ring channel {channel!r}: {exc}") from None
+        if wait is not None:
+            if role != "consumer":
+                raise ValueError("wait= is for consumers: a producer creates the channel (size=...) or attaches to it")
+            if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= m.MAX_WAIT:
+                raise ValueError(f"wait must be a number of seconds from 0 to {m.MAX_WAIT:g}, not {wait!r}")
         uids = _broker_uids(broker_uid)
         if harden:
             from .hardening import harden_process
 
             harden_process(drop_capabilities=False)
-        link = _Link(_resolve_path(socket_path), timeout, uids)
+        link = _Link(_resolve_path(socket_path), timeout + (wait or 0.0), uids)
         ring_fds: list[int] = []
         pages: RingPages | None = None
         try:
-            link.send(m.Hello(), m.Attach(channel=channel, role=role, size=size, ring=bool(ring), max_message=max_message))
+            link.send(m.Hello(), m.Attach(
+                channel=channel, role=role, size=size, ring=bool(ring), max_message=max_message,
+                wait=None if wait is None else float(wait),
+            ))
             link.receive()  # welcome
             reply = link.receive()
             if not isinstance(reply, m.Attached):

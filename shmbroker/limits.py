@@ -84,6 +84,11 @@ class Limits:
     # RateLimitIntervalSec=30s is the model for the window.
     refusals_per_uid_burst: int = 16
     refusal_window: float = 30.0
+    # Attach requests of one uid the broker holds (attach(wait=...)) until
+    # their channel exists.  Like dbus-daemon's max_replies_per_connection
+    # (pending calls a connection may have), a bound on what a peer can make
+    # the broker remember for it.
+    max_waiting_per_uid: int = 64
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -76,7 +76,8 @@ class Member:
         self.role: str | None = None
         self.attached_at: float | None = None  # wall clock, for status
         self.attachment_charge: Charge | None = None  # a ring consumer's cursor page
-        self.parked = False  # its attach waits for the segment's pages
+        self.parked = False  # its attach waits: for the segment's pages, or (wait=) for the channel
+        self.wait_until: float | None = None  # monotonic deadline of an attach(wait=) held for its channel
 
     @property
     def identity(self) -> Identity:
@@ -204,6 +205,9 @@ class BrokerCore:
             total={Resource.CONNECTIONS: limits.max_connections},  # FDS: set by the driver from its rlimit
         )
         self.refusals = RateLimiter(limits.refusals_per_uid_burst, limits.refusal_window)
+        # attach(wait=) requests held until their channel exists (and a ring
+        # consumer's has a producer): channel name -> [(member, request)].
+        self.awaiting: dict[str, list[tuple[Member, m.Attach]]] = {}
         # Segments being wiped in steps, with the charge of their creator.
         self._wiping: dict[Segment, Charge] = {}
         self._segment_charges: dict[Segment, Charge] = {}
@@ -264,7 +268,9 @@ class BrokerCore:
         their peer, so they hold no slot (their uid's connection quota
         bounds them).
         """
-        incomplete = [s for s in self.members if not s.attached]
+        # Parked members wait on the broker (or, with wait=, on another peer),
+        # each kind bounded by a cap of its own.
+        incomplete = [s for s in self.members if not s.attached and not s.parked]
         actions: list[Action] = []
         while len(incomplete) >= self.limits.max_incomplete_connections:
             per_uid = collections.Counter(s.uid for s in incomplete)
@@ -281,9 +287,16 @@ class BrokerCore:
         return actions
 
     def expired(self, now: float) -> list[Action]:
-        """Members whose handshake outlived handshake_timeout."""
+        """Members whose handshake outlived handshake_timeout, and held attaches whose wait is over."""
         deadline = self.limits.handshake_timeout
         actions: list[Action] = []
+        for name, held in list(self.awaiting.items()):
+            for member, request in [(s, r) for s, r in held if s.wait_until is not None and s.wait_until <= now]:
+                self._unhold(member)
+                what = "a producer" if self._waits_for_producer(name) else "the channel"
+                actions.append(Send(member, error_reply(Timeout(
+                    f"waited {request.wait:g}s for {what} of {name!r} to appear; none did"
+                ))))
         for member in [s for s in self.members if not s.attached and not s.parked and now - s.accepted_at >= deadline]:
             self.events.count("handshake_timeouts")
             reason = f"handshake not finished within {deadline:g}s"
@@ -292,9 +305,46 @@ class BrokerCore:
         return actions
 
     def next_deadline(self) -> float | None:
-        """When the oldest unfinished handshake expires (monotonic), if any."""
-        pending = [s.accepted_at for s in self.members if not s.attached and not s.parked]
-        return min(pending) + self.limits.handshake_timeout if pending else None
+        """When the next handshake or held attach expires (monotonic), if any."""
+        pending = [s.accepted_at + self.limits.handshake_timeout for s in self.members if not s.attached and not s.parked]
+        pending += [s.wait_until for held in self.awaiting.values() for s, _ in held if s.wait_until is not None]
+        return min(pending) if pending else None
+
+    def _waits_for_producer(self, name: str) -> bool:
+        channel = self.channels.get(name)
+        return channel is not None and channel.spec.ring and not any(s.role == "producer" for s in channel.members)
+
+    def _hold(self, member: Member, request: m.Attach) -> None:
+        """Answer later: when the channel exists (a ring consumer: with a producer), or at the deadline."""
+        held = sum(1 for waiting in self.awaiting.values() for s, _ in waiting if s.uid == member.uid)
+        if held >= self.limits.max_waiting_per_uid:
+            raise LimitExceeded(
+                f"uid {member.uid} already has {held} attach requests waiting for their channels "
+                f"(max_waiting_per_uid = {self.limits.max_waiting_per_uid})"
+            )
+        assert request.wait is not None
+        member.parked = True
+        member.wait_until = self._clock() + request.wait
+        self.awaiting.setdefault(request.channel, []).append((member, request))
+
+    def _unhold(self, member: Member) -> None:
+        member.parked = False
+        member.wait_until = None
+        for name in list(self.awaiting):
+            held = [(s, r) for s, r in self.awaiting[name] if s is not member]
+            if held:
+                self.awaiting[name] = held
+            else:
+                del self.awaiting[name]
+
+    def _release_held(self, name: str) -> list[Action]:
+        """A channel appeared or got a producer: answer what waited for it."""
+        actions: list[Action] = []
+        for member, request in list(self.awaiting.get(name, [])):
+            if name in self.channels and not (request.role == "consumer" and self._waits_for_producer(name)):
+                self._unhold(member)
+                actions += self.request(member, request)
+        return actions
 
     def peer_event(self, kind: EventKind, detail: str, *, who: Who) -> None:
         """Record an event a peer caused (logged at warning), within its uid's
@@ -372,7 +422,7 @@ class BrokerCore:
         if member.parked:
             for channel in self.channels.values():
                 channel.waiting = [(s, r) for s, r in channel.waiting if s is not member]
-            member.parked = False
+            self._unhold(member)
         actions: list[Action] = []
         self._end_attachment(member, recheck_identity=recheck_identity, actions=actions)
         return actions
@@ -384,6 +434,9 @@ class BrokerCore:
         if request.role == "consumer":
             self._check_read_only_holds(identity, request.channel)
         channel = self.channels.get(request.channel)
+        if request.wait and request.role == "consumer" and (channel is None or self._waits_for_producer(request.channel)):
+            self._hold(member, request)
+            return []
         if channel is None:
             channel = self._create_channel(member, request)
         elif request.size is not None and request.size != channel.spec.size:
@@ -479,7 +532,10 @@ class BrokerCore:
             generation=segment.generation, layout=LAYOUT_VERSION, fds=fd_names,
             ring=ring is not None, slot=slot, start=None if ring is None or slot is None else ring.starts[slot],
         )
-        return [Send(member, reply, tuple(fds), charge)]
+        actions: list[Action] = [Send(member, reply, tuple(fds), charge)]
+        if request.role == "producer" and channel.name in self.awaiting:
+            actions += self._release_held(channel.name)
+        return actions
 
     def _cursor_pages(self, member: Member) -> list[Action]:
         """The ring's producer asks for its consumers' cursor pages (docs/ring.md, "cursors").

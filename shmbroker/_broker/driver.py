@@ -604,6 +604,9 @@ class Broker:
             violation = ProtocolError(f"clients may not send file descriptors (sent {len(fds)}; closed them)")
             self._apply(self.core.protocol_error(session.member, violation))
             return
+        if not data and session.member.parked:
+            self._close_session(session, recheck_identity=True)  # gave up waiting
+            return
         try:
             session.conn.receive_data(data)
         except ProtocolError as exc:
@@ -622,7 +625,11 @@ class Broker:
         if session.outbox:
             self._want(session, selectors.EVENT_WRITE)
         elif session.member.parked:
-            self._want(session, 0)
+            # Held for a channel (wait=): still read, to notice the peer giving
+            # up (what else it sends waits in the decoder, which bounds it);
+            # held for pages: that takes no time.
+            held = session.member.wait_until is not None
+            self._want(session, selectors.EVENT_READ if held else 0)
         elif session.input:
             self._want(session, 0)
             if not session.queued:

@@ -55,6 +55,13 @@ class Attach(Message):
     # accept every request that does not use them.
     ring: bool = False
     max_message: int | None = None
+    # Seconds the broker may hold the request until the channel exists (and,
+    # for a ring consumer, has a producer) instead of refusing it at once.
+    wait: float | None = None
+
+
+# The longest a request may wait (a day): a bound, not a policy.
+MAX_WAIT = 86400.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +169,7 @@ _SCHEMA: dict[type[Message], dict[str, tuple[_Check, bool]]] = {
         "size": (lambda v: v is None or (_uint(v) and v > 0), False),
         "ring": (lambda v: type(v) is bool, False),
         "max_message": (lambda v: v is None or (_uint(v) and v > 0), False),
+        "wait": (lambda v: v is None or (type(v) in (int, float) and 0 <= v <= MAX_WAIT), False),
     },
     Detach: {},
     StatusRequest: {},

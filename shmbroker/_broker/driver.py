@@ -175,6 +175,7 @@ class Broker:
         # (and keeps its end open): the fds stay in flight, so the charge stays.
         self._lingering: list[tuple[socket.socket, list[Charge]]] = []
         self._running = False
+        self._started = False  # set once listening: only then is there a stop to report
         self._wakeup_r = -1
         self._wakeup_w = -1
         self._old_wakeup = -1
@@ -214,6 +215,7 @@ class Broker:
         """Serve until SIGTERM/SIGINT; always wipes segments and removes the socket."""
         try:
             self._setup()
+            self._started = True
             self._running = True
             if self._on_ready is not None:
                 self._on_ready(self)
@@ -275,7 +277,8 @@ class Broker:
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
-        log.info("broker stopped; every segment was wiped")
+        if self._started:
+            log.info("broker stopped; every segment was wiped")
 
     def _forget_questions(self) -> None:
         """Shutting down: the inspector's late answers no longer matter."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-import select
+import sys
 import sysconfig
 
 from typing import Any
@@ -55,20 +55,64 @@ def rules(*, socket_path: str, config_path: str | None, remove_socket_dir: bool 
 
 
 def _import_roots() -> set[str]:
-    """Where Python can still import from: the stdlib, site-packages and the
-    directories holding shmbroker and its dependencies.  Not sys.path as a
-    whole: its first entry is the working directory under `python -m`, which
-    is / under systemd and would open the whole filesystem for reading."""
-    import msgpack
+    """Where Python can still import from: the interpreter's library
+    directories, and the import root of every module loaded so far.
 
-    import shmbroker as _pkg
+    Derived from where modules really came from, not from assumptions about
+    the layout: Debian's /usr/bin/python3.11 builds ``select`` and others
+    into the interpreter (no ``__file__``), keeps its own packages in
+    /usr/lib/python3/dist-packages and pip's in /usr/local; a venv splits
+    the stdlib from site-packages; a zipapp imports from one archive file.
+    Not sys.path as a whole: its first entry is the working directory under
+    ``python -m``, which is / under systemd and would open the whole
+    filesystem for reading.
+    """
+    import msgpack  # noqa: F401  (loaded now, so its root is found below)
 
-    roots = {p for key, p in sysconfig.get_paths().items() if key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    roots.add(os.path.dirname(os.__file__))
-    roots.add(os.path.dirname(select.__file__ or os.__file__))  # lib-dynload: extension modules
-    for module in (_pkg, msgpack):
-        roots.add(os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or ""))))
-    return {os.path.realpath(r) for r in roots if r and os.path.realpath(r) != "/" and os.path.isdir(r)}
+    import shmbroker  # noqa: F401
+
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    # Extension modules of the stdlib (lib-dynload), wherever the build put them.
+    roots.add(sysconfig.get_config_var("DESTSHARED") or "")
+    for name, module in list(sys.modules.items()):
+        root = _module_root(name, module)
+        if root:
+            roots.add(root)
+    resolved = set()
+    for root in roots:
+        if not root:
+            continue
+        real = os.path.realpath(root)
+        # Never "/": a module loaded from the working directory under
+        # systemd would otherwise open the whole filesystem for reading.
+        if real != "/" and os.path.exists(real):
+            resolved.add(real)
+    # A root inside another adds nothing (importlib inside the stdlib).
+    return {r for r in resolved if not any(r.startswith(other + "/") for other in resolved)}
+
+
+def _module_root(name: str, module: Any) -> str | None:
+    """The sys.path entry a module was imported from, worked out from its
+    file and dotted name (``a/b/c.py`` for ``b.c`` -> ``a``), so it holds
+    for directories, site-packages and zip archives alike (for a zipapp the
+    root is the archive file itself)."""
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name
+    elif name == "__main__":
+        return None  # a script run by path: its directory is not an import root
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    path = origin if origin and origin not in ("built-in", "frozen") else getattr(module, "__file__", None)
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return None
+    levels = name.count(".") + 1
+    if os.path.splitext(os.path.basename(path))[0] == "__init__":
+        levels += 1  # pkg/__init__.py: the package directory is one more level
+    root = path
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
 
 
 def restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> int:

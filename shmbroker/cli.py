@@ -188,6 +188,27 @@ def _print_status(status: dict[str, Any]) -> None:
     for ev in events:
         who = f"pid {ev['pid']} uid {ev['uid']}" if ev["pid"] is not None else "-"
         print(f"  {_fmt_time(ev['time'])} {ev['kind']} ({who}): {ev['detail']}")
+    if "confinement" in status:  # brokers older than this client do not report it
+        _print_confinement(status["confinement"])
+
+
+def _print_confinement(c: dict[str, Any]) -> None:
+    user, landlock, seccomp = c["user"], c["landlock"], c["seccomp"]
+    print("confinement:")
+    print(f"  user      {user['name'] or '?'} (uid {user['euid']}), group {user['group'] or '?'} (gid {user['egid']})")
+    if landlock["state"] == "enforced":
+        check = "reading / denied" if landlock["verified"] else "NOT VERIFIED: / is still readable"
+        print(f"  landlock  enforced, ABI {landlock['abi']}, {landlock['rules']} rules ({check})")
+    else:
+        print(f"  landlock  {landlock['state']}: {landlock['reason']}")
+    own = f", the broker's own allowlist: {seccomp['broker_filter']}" if seccomp["broker_filter"] != "off" else ""
+    print(f"  seccomp   {seccomp['mode_name']} ({seccomp['filters'] or 0} filters{own})")
+    core = c["rlimit_core"]
+    print(
+        f"  process   no_new_privs {'on' if c['no_new_privs'] else 'OFF'}, dumpable {c['dumpable']}, "
+        f"RLIMIT_CORE {core['soft']}/{core['hard']}"
+    )
+    print(f"  caps      effective: {', '.join(c['capabilities']['effective']) or 'none'}")
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ import pytest
 import msgpack
 import shmbroker
 from helpers import BrokerProc
+from shmbroker import ShmClient
 from shmbroker._sys import landlock
 
 pytestmark = pytest.mark.skipif(landlock.abi_version() <= 0, reason="kernel without Landlock")
@@ -184,6 +185,8 @@ def test_the_broker_serves_with_landlock_on(layout: Layout, short_tmp: Path) -> 
             real = os.path.realpath(root)
             assert any(real == p or real.startswith(p + "/") for p in paths), (root, sorted(paths))
         assert "/" not in paths
+        landlock_status = ShmClient.status(socket_path=sock)["confinement"]["landlock"]
+        assert landlock_status["state"] == "enforced" and landlock_status["verified"], landlock_status
         assert not any(p.startswith(str(PACKAGE.parent)) for p in paths), "imported this checkout, not the layout's copy"
     finally:
         proc.terminate()

@@ -60,6 +60,7 @@ from ..errors import (
     ShmBrokerError,
 )
 from . import auth
+from . import confinement
 from .auth import AuthError, VerifiedPeer, recheck, verify_peer
 from .config import BrokerConfig, ChannelSpec, check_broker_user
 from .events import EventKind, EventLog
@@ -1319,6 +1320,7 @@ class Broker:
             "connections": len(self.sessions),
             "counters": dict(sorted(self.events.counters.items())),
             "security_events": [e.as_dict() for e in self.events.events],
+            "confinement": confinement.report(),
         }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from .._sys import landlock, seccomp
 from .._sys.seccomp_allowlist import X86_64
 from ..errors import ConfigError
-from . import auth
+from . import auth, confinement
 from .inspector import ExeInspector
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,23 @@ def _module_root(name: str, module: Any) -> str | None:
 
 def restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> int:
     """Apply the sandbox; return the Landlock ABI it used."""
+    return _restrict(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir).abi
+
+
+def _restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> landlock.Applied:
     allowed = rules(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir)
-    abi = landlock.restrict_self(allowed)
+    applied = landlock.apply(allowed)
     names = {landlock.READ: "r", landlock.READ_WRITE: "rw", landlock.ACCESS_FS_REMOVE_DIR: "rmdir"}
     log.info(
         "landlock ABI %d: filesystem restricted to %s",
-        abi, ", ".join(f"{path} ({names.get(access, hex(access))})" for path, access in allowed),
+        applied.abi, ", ".join(f"{path} ({names.get(access, hex(access))})" for path, access in allowed),
     )
-    return abi
+    return applied
 
 
 def install_seccomp(mode: str) -> None:
     """The syscall allowlist recorded by tools/seccomp_trace.py (docs/hardening.md)."""
+    confinement.record_seccomp(mode)
     seccomp.install(X86_64.values(), mode)
     # tools/seccomp_trace.py looks for this line: syscalls after it are the
     # ones the allowlist must contain.
@@ -150,13 +155,27 @@ class Sandbox:
         self.inspector: Any = None
         self.mode = mode
         self.enabled = mode != "off"
-        if self.enabled and landlock.abi_version() <= 0:
-            if mode == "on":
-                raise ConfigError(
-                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
-                )
-            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
-            self.enabled = False
+        confinement.reset()
+        confinement.record_names()
+        if not self.enabled:
+            confinement.record_landlock(mode, "off", reason="disabled with --landlock off")
+            return
+        support = landlock.probe()
+        if support.available:
+            return
+        # "No Landlock" and "Landlock refused by a filter in front of us" are
+        # different problems: the first is the machine, the second is a
+        # deployment mistake an operator can fix in one line.
+        reason = support.reason()
+        confinement.record_landlock(mode, support.state, reason=reason)
+        if mode == "on":
+            fix = "fix the filter" if support.blocked else "use --landlock auto or off"
+            raise ConfigError(f"--landlock on: {reason}; {fix}")
+        if support.blocked:
+            log.warning("SECURITY: %s; the broker's filesystem access stays unrestricted", reason)
+        else:
+            log.warning("%s: the broker's filesystem access stays unrestricted", reason)
+        self.enabled = False
 
     def apply(self, broker: Any) -> None:
         self._landlock(broker)
@@ -169,15 +188,21 @@ class Sandbox:
         self.inspector = ExeInspector.start(None if self.seccomp_mode == "off" else self.seccomp_mode)
         auth.exe_inspector = self.inspector
         try:
-            restrict(
+            applied = _restrict(
                 socket_path=self.socket_path, config_path=self.config_path,
                 remove_socket_dir=broker.listener.created_directory,
             )
-        except OSError as exc:
+        except (OSError, landlock.LandlockUnavailable) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            confinement.record_landlock(self.mode, landlock.FAILED, reason=f"could not apply the Landlock sandbox: {reason}")
             if self.mode == "on":
-                raise ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
-            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
+                raise ConfigError(f"could not apply the Landlock sandbox: {reason}") from None
+            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", reason)
             self.close()
+            return
+        confinement.record_landlock(
+            self.mode, "enforced", abi=applied.abi, rules=len(applied.rules), paths=[path for path, _ in applied.rules],
+        )
 
     def close(self) -> None:
         if self.inspector is not None:

@@ -84,6 +84,19 @@ def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConf
     return BrokerConfig(policy=default_policy(os.getuid()), channels=channels or {})
 
 
+def status_principals(base: Principals, operator_group: int | None) -> Principals:
+    """Who may query status: ``base`` (``[status]``, else the broker's own
+    uid), and always root and the members of ``[broker] operator_group``.
+
+    Root can read the broker's memory and /proc anyway, so refusing it
+    status protects nothing and only keeps the operator from inspecting a
+    system service (issue 15); the operator group is the unprivileged way
+    to grant the same view, like systemd-journal or adm for logs.
+    """
+    gids = base.gids | ({operator_group} if operator_group is not None else set())
+    return Principals(uids=base.uids | {_trust.ROOT}, gids=frozenset(gids))
+
+
 def load_config(path: str) -> BrokerConfig:
     try:
         data = tomllib.loads(_read_trusted(path).decode("utf-8"))
@@ -181,12 +194,14 @@ class _Parser:
         unknown = sorted(set(data) - {"broker", "status", "limits", "channels", "rules"})
         if unknown:
             raise self.fail(unknown[0], "unknown section (known: broker, status, limits, channels, rules)")
-        broker = self.table(data, "broker", {"socket", "socket_group", "user"})
+        broker = self.table(data, "broker", {"socket", "socket_group", "user", "operator_group"})
         socket_path = broker.get("socket")
         if socket_path is not None and (not isinstance(socket_path, str) or not os.path.isabs(socket_path)):
             raise self.fail("broker.socket", "must be an absolute path")
         group = broker.get("socket_group")
         socket_group = None if group is None else self.gid(group, "broker.socket_group")
+        operator = broker.get("operator_group")
+        operator_group = None if operator is None else self.gid(operator, "broker.operator_group")
         user = broker.get("user")
         broker_user = None if user is None else self.uid(self._numeric(user), "broker.user")
 
@@ -202,6 +217,7 @@ class _Parser:
             status = self.principals(status_table, "status")
         else:
             status = Principals(uids=frozenset({os.getuid()}))
+        status = status_principals(status, operator_group)
         return BrokerConfig(
             policy=Policy(rules=rules, status=status),
             channels=channels,

@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="syscall allowlist once serving: enforce (kill the broker on anything else), trap (same, "
         "printing the Python stack that made the call), log (allow, kernel logs it); default: off",
     )
-    serve.add_argument("--log-format", choices=("text", "json"), default="text", help="stderr log format (default: text)")
+    serve.add_argument(
+        "--log-format", choices=("text", "json", "journal"), default="text",
+        help="log format: text or json on stderr, or journal: structured entries to systemd's journal "
+        "(fields SHMBROKER_EVENT, SHMBROKER_PEER_UID...; the shipped unit uses it) (default: text)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
     status = sub.add_parser("status", help="show channels, peers, counters and security events", description="Ask a running broker for its status.")

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-long bench clean
+.PHONY: demo test test-long test-systemd bench clean
 
 # The C extension (the SIGBUS guard) is built in place by the editable
 # install: rebuild when its source or the build script changes.
@@ -34,6 +34,11 @@ test-long: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuzz]' || \
 	  echo "note: atheris did not install; its fuzz test will be skipped"
 	$(BIN)/python -m pytest -m long
+
+# The shipped units under a real systemd 252 in a container (root;
+# apt-get install systemd-container python3.11-venv python3-msgpack).
+test-systemd: $(STAMP)
+	$(BIN)/python -m pytest -m systemd -s tests/test_systemd_boot.py
 
 bench: $(STAMP)
 	$(BIN)/shmbroker bench

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test test-long test-systemd bench clean
+.PHONY: demo test test-long test-systemd smoke bench clean
 
 # The venv itself, from $(PYTHON) (e.g. `make demo PYTHON=/usr/bin/python3.11`).
 $(BIN)/python:
@@ -51,6 +51,11 @@ test-long: $(STAMP)
 # apt-get install systemd-container python3.11-venv python3-msgpack).
 test-systemd: $(STAMP)
 	$(BIN)/python -m pytest -m systemd -s tests/test_systemd_boot.py
+
+# shmbroker from a wheel, outside this checkout, under $(PYTHON): demo,
+# cross-uid attach, ring with Landlock on, bench (tools/smoke_installed.py).
+smoke:
+	$(PYTHON) tools/smoke_installed.py --python $(PYTHON)
 
 bench: $(STAMP)
 	$(BIN)/shmbroker bench

@@ -220,6 +220,8 @@ def check_running_broker(socket_path: str | None, broker_user: str | None) -> li
 
     try:
         status = ShmClient.status(socket_path=socket_path, broker_uid=broker_user)
+    except ValueError as exc:  # --broker-user names no user
+        return [Check("running broker", FAIL, f"--broker-user: {exc}", "the broker's confinement was not checked")]
     except errors.ShmBrokerError as exc:
         return [Check("running broker", FAIL, f"could not query its status: {exc}",
                       "query it as root or as a member of its operator group ([broker] operator_group)")]

@@ -44,8 +44,8 @@ class StepFailed(Exception):
     pass
 
 
-def run(cmd: list[str], *, cwd: Path, timeout: float = STEP_TIMEOUT, **kw: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+def run(cmd: list[str], *, cwd: Path, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise StepFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -76,24 +76,24 @@ def install() -> bool:
 
 def active() -> bool:
     """True if the guard is the process's SIGBUS handler now."""
-    return _extension().active()
+    return bool(_extension().active())
 
 
 def watch(address: int, length: int, revoked_offset: int, writable: bool) -> int:
     """Guard a MAP_SHARED range; return its token.  Installs the handler first."""
     install()
-    return _extension().register(address, length, revoked_offset, writable)
+    return int(_extension().register(address, length, revoked_offset, writable))
 
 
 def unwatch(token: int) -> bool:
     """Stop guarding; True if a fault replaced the range.  A token already
     unwatched is fine: tokens are never reused, so it cannot name another range."""
     try:
-        return _extension().unregister(token)
+        return bool(_extension().unregister(token))
     except ValueError:
         return False
 
 
 def faulted(token: int) -> bool:
     """True if a fault replaced the range with zero pages."""
-    return _extension().faulted(token)
+    return bool(_extension().faulted(token))

@@ -117,7 +117,8 @@ class Holder:
         if not line:
             err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
             raise AssertionError(f"client gave no answer (exit {self.proc.poll()}): {err}")
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     def ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -138,13 +139,15 @@ def once(user: str, *args: str) -> dict[str, Any]:
     out = sh(*user_command(user, *args), check=False)
     if not out.stdout.strip():
         raise AssertionError(f"client of {user} printed nothing: {out.stderr}")
-    return json.loads(out.stdout.splitlines()[-1])
+    answer: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return answer
 
 
 def status() -> dict[str, Any]:
-    # As root, with no --socket: the fallback path and root's status right.
+    # As root, with no --socket: the fallback path, and root may always ask.
     out = sh(SHMBROKER, "status", "--json")
-    return json.loads(out.stdout)
+    reply: dict[str, Any] = json.loads(out.stdout)
+    return reply
 
 
 def main_pid() -> int:

@@ -3,26 +3,38 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test test-long bench clean
+.PHONY: demo test test-long test-systemd smoke bench clean
 
-# The C extension (the SIGBUS guard) is built in place by the editable
-# install: rebuild when its source or the build script changes.
-$(STAMP): pyproject.toml setup.py shmbroker/_guard.c
+# The venv itself, from $(PYTHON) (e.g. `make demo PYTHON=/usr/bin/python3.11`).
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "shmbroker needs Python 3.11 or newer; run e.g. 'make PYTHON=python3.11 test'"; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || \
+	  { echo "could not create a venv with $(PYTHON); on Debian or Ubuntu: apt-get install python3-venv"; exit 1; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	@# python-prctl compiles against libcap; on machines without libcap-dev we
-	@# keep going with the ctypes fallback instead of failing the whole setup.
-	@# shmbroker's own C extension is not optional: if it cannot build, the
-	@# second attempt fails too, with a message that says what to install.
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench,prctl]' || { \
-	  echo "note: installing with python-prctl failed (it needs apt-get install libcap-dev); retrying without it, using the ctypes fallback"; \
-	  $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'; }
+
+# The C extension (the SIGBUS guard) is built in place by the editable
+# install: rebuild when its source or the build script changes.  The demo
+# needs the package alone (msgpack and the extension).
+$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
 	@touch $@
 
-demo: $(STAMP)
+# Tests and benchmarks need their extras, in the same one install (one
+# build of the extension).  python-prctl (the `prctl` extra) compiles
+# against libcap: without its headers we do not even try (pip would print a
+# red build error for something optional); the ctypes fallback is used.
+$(STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c
+	@extras=test,bench; \
+	if [ -e /usr/include/sys/capability.h ]; then extras=$$extras,prctl; \
+	else echo "note: libcap-dev is not installed, so the optional python-prctl is skipped (the ctypes fallback is used)"; fi; \
+	echo "$(BIN)/python -m pip install -q -e .[$$extras]"; \
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$$extras]"
+	@touch $@ $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
 
 # mypy --strict first (its files and per-module settings are in pyproject.toml):
@@ -37,6 +49,16 @@ test-long: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[fuzz]' || \
 	  echo "note: atheris did not install; its fuzz test will be skipped"
 	$(BIN)/python -m pytest -m long
+
+# The shipped units under a real systemd 252 in a container (root;
+# apt-get install systemd-container python3.11-venv python3-msgpack).
+test-systemd: $(STAMP)
+	$(BIN)/python -m pytest -m systemd -s tests/test_systemd_boot.py
+
+# shmbroker from a wheel, outside this checkout, under $(PYTHON): demo,
+# cross-uid attach, ring with Landlock on, bench (tools/smoke_installed.py).
+smoke:
+	$(PYTHON) tools/smoke_installed.py --python $(PYTHON)
 
 bench: $(STAMP)
 	$(BIN)/shmbroker bench

@@ -8,6 +8,7 @@ what to install instead of a package that imports and then crashes.
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import shutil
@@ -50,7 +51,13 @@ class BuildGuard(build_ext):
             raise SystemExit(f"error: building {ext.name} failed: {exc}\n{HINT}") from None
 
 
+# The documentation, where the shipped unit's Documentation= looks for it:
+# under the install prefix, /usr/share/doc/shmbroker for a distribution's
+# /usr/bin/shmbroker (pip puts it under the venv's or /usr/local's prefix).
+DOCS = ["README.md", "LICENSE", *sorted(glob.glob("docs/*.md")), "docs/benchmarks.png"]
+
 setup(
+    data_files=[("share/doc/shmbroker", DOCS)],
     ext_modules=[
         Extension(
             "shmbroker._guard",

@@ -30,17 +30,28 @@ def shm_names() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("shmbroker")}
 
 
-def wait_until(what: str, predicate: Any, timeout: float = 15.0) -> Any:
+def show_log(log: Path) -> None:
+    """The broker's own words: the demo deletes its directory on the way out."""
+    text = log.read_text().strip() if log.exists() else ""
+    print(f"broker log:\n{text or '(empty)'}", file=sys.stderr)
+
+
+def wait_for_broker(broker: subprocess.Popen[str], sock: str, log: Path, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if broker.poll() is not None:
+            print(f"demo: the broker exited with status {broker.returncode} before it served", file=sys.stderr)
+            show_log(log)
+            raise SystemExit(1)
         try:
-            value = predicate()
+            if os.path.exists(sock) and ShmClient.status(socket_path=sock):
+                return
         except ShmBrokerError:
-            value = None
-        if value:
-            return value
+            pass
         time.sleep(0.02)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+    print(f"demo: timed out after {timeout:.0f}s waiting for the broker", file=sys.stderr)
+    show_log(log)
+    raise SystemExit(1)
 
 
 def client(procs: list[subprocess.Popen[str]], script: str, *args: str) -> subprocess.Popen[str]:
@@ -69,7 +80,7 @@ def main() -> int:
                 stdout=logf, stderr=logf, text=True,
             )
         procs.append(broker)
-        wait_until("the broker", lambda: broker.poll() is None and os.path.exists(sock) and ShmClient.status(socket_path=sock))
+        wait_for_broker(broker, sock, log)
         print(f"1. broker pid {broker.pid} listening on {sock}")
         print("   policy: only this uid running this interpreter; segments are shm_open(O_EXCL, mode 0), unlinked, leased")
 
@@ -93,6 +104,7 @@ def main() -> int:
             proc.communicate("done\n", timeout=30)
         if consumer.returncode or producer.returncode:
             print(f"demo: consumer exited {consumer.returncode}, producer {producer.returncode}", file=sys.stderr)
+            show_log(log)
             return 1
 
         counters = ShmClient.status(socket_path=sock)["counters"]
@@ -105,10 +117,15 @@ def main() -> int:
         ok = code == 0 and not visible and not leftovers and not os.path.exists(sock)
         print(f"\n{'OK' if ok else 'FAILED'}: {PAYLOAD} bytes went from producer to consumer through one private segment")
         if not ok:
-            print(f"broker log:\n{log.read_text()}", file=sys.stderr)
+            show_log(log)
         return 0 if ok else 1
     except KeyboardInterrupt:
         return 130
+    except (ShmBrokerError, OSError, subprocess.SubprocessError) as exc:
+        # A client or a status call failed: the broker's log says why.
+        print(f"demo: {exc}", file=sys.stderr)
+        show_log(log)
+        return 1
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

@@ -15,7 +15,7 @@ from typing import cast
 from . import _trust, errors
 from ._types import ROLES, Role, Status
 from ._layout import FLAG_RING, HEADER_SIZE, LAYOUT_VERSION, REVOKED, REVOKED_OFFSET, parse_header, segment_length
-from ._paths import default_socket_path
+from ._paths import client_socket_path
 from ._ring.client import CursorFetcher, RingPages, take_ring_fds
 from ._ring.endpoint import Receiver, RingMethods, Sender
 from ._ring.layout import resolve_max_message
@@ -237,8 +237,8 @@ def _resolve_path(socket_path: str | os.PathLike[str] | None) -> str:
     if socket_path is not None:
         return os.fspath(socket_path)
     try:
-        return default_socket_path()
-    except errors.ConfigError as exc:
+        return client_socket_path()
+    except FileNotFoundError as exc:
         raise errors.BrokerUnavailable(str(exc)) from None
 
 

@@ -22,6 +22,7 @@ import secrets
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _EXIT = {OK: 0, WARN: 1, FAIL: 2}
@@ -41,10 +42,18 @@ class Check:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--broker", metavar="SOCKET", nargs="?", const="", default=None,
+        help="also check how a running broker is confined (Landlock, seccomp, capabilities...) through its "
+        "status; SOCKET defaults to where clients look (e.g. /run/shmbroker/broker.sock)",
+    )
+    parser.add_argument("--broker-user", metavar="USER", help="user name or uid that broker must run as (as for status)")
 
 
 def run(args: argparse.Namespace) -> int:
     checks = [probe() for probe in PROBES]
+    if getattr(args, "broker", None) is not None:
+        checks.extend(check_running_broker(args.broker or None, getattr(args, "broker_user", None)))
     if args.json:
         json.dump([dataclasses.asdict(c) for c in checks], sys.stdout, indent=2)
         print()
@@ -148,10 +157,17 @@ def check_pidfd() -> Check:
 def check_landlock() -> Check:
     from ._sys import landlock
 
-    abi = landlock.abi_version()
-    if abi <= 0:
-        return Check("landlock", WARN, "not available (kernel < 5.13 or not in lsm=)",
+    support = landlock.probe()
+    if support.blocked:
+        # The kernel has Landlock, but something in front of this very
+        # process refuses it: a broker started the same way runs unconfined.
+        return Check("landlock", FAIL, support.reason(),
+                     "a broker started like this process runs with unrestricted filesystem access "
+                     "(`serve --landlock auto` warns, `--landlock on` refuses to start)")
+    if not support.available:
+        return Check("landlock", WARN, support.reason(),
                      "a compromised broker can read and write anything its uid can; `serve --landlock on` refuses to start")
+    abi = support.abi
     extra = "" if abi >= 3 else " (ABI < 3: ftruncate is not restricted)"
     return Check("landlock", OK, f"ABI {abi}{extra}; `serve` restricts itself to its socket dir, /dev/shm, config, imports and /proc")
 
@@ -222,6 +238,40 @@ def check_seccomp() -> Check:
     if seccomp.audit_arch() is None:
         return Check("seccomp", WARN, f"no allowlist for architecture {os.uname().machine}", "`serve --seccomp` is refused here")
     return Check("seccomp", OK, f"filters available ({os.uname().machine}); `serve --seccomp enforce|log` can be used")
+
+
+def check_running_broker(socket_path: str | None, broker_user: str | None) -> list[Check]:
+    """The confinement a running broker reports about itself (its status).
+
+    This machine's probes above say what the kernel offers this process; a
+    broker under a service manager can get less (a seccomp filter that
+    refuses Landlock, say), and only the broker can tell."""
+    from . import errors
+    from ._broker.confinement import problems
+    from ._client import ShmClient
+
+    try:
+        status = ShmClient.status(socket_path=socket_path, broker_uid=broker_user)
+    except ValueError as exc:  # --broker-user names no user
+        return [Check("running broker", FAIL, f"--broker-user: {exc}", "the broker's confinement was not checked")]
+    except errors.ShmBrokerError as exc:
+        return [Check("running broker", FAIL, f"could not query its status: {exc}",
+                      "query it as root or as a member of its operator group ([broker] operator_group)")]
+    confinement: dict[str, Any] | None = status.get("confinement")
+    where = status["broker"]["socket"]
+    if confinement is None:
+        return [Check("running broker", WARN, f"the broker at {where} does not report its confinement (an older version)")]
+    found = problems(confinement)
+    landlock = confinement["landlock"]
+    summary = (
+        f"{where}: pid {status['broker']['pid']}, user {confinement['user']['name']}, "
+        f"Landlock {landlock['state']}" + (f" (ABI {landlock['abi']}, {landlock['rules']} rules)" if landlock["state"] == "enforced" else "")
+        + f", seccomp {confinement['seccomp']['mode_name']}, caps {', '.join(confinement['capabilities']['effective']) or 'none'}"
+    )
+    if not found:
+        return [Check("running broker", OK, summary)]
+    worst = FAIL if any(severity == FAIL for severity, _ in found) else WARN
+    return [Check("running broker", worst, summary, "; ".join(text for _, text in found))]
 
 
 PROBES: list[Callable[[], Check]] = [

@@ -6,7 +6,7 @@ Exported from :mod:`shmbroker`; import them from there.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from ._wire.vocabulary import ROLES, Role
 
@@ -81,3 +81,6 @@ class Status(TypedDict):
     connections: int
     counters: dict[str, int]
     security_events: list[StatusEvent]
+    # How the broker is confined (user, Landlock, seccomp, capabilities);
+    # docs/hardening.md lists the fields.  Absent from brokers that predate it.
+    confinement: NotRequired[dict[str, Any]]

@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text",
-        help="stderr log format: text, json (one object per line; security events carry pid, uid, gid, exe, "
-        "channel, role and rule as keys), or journal (text without the time journald adds; chosen by itself "
-        "when JOURNAL_STREAM says stderr is the journal) (default: text)",
+        help="log format: text (without the time when JOURNAL_STREAM says stderr is the journal, which "
+        "adds it), json (one object per line; security events carry pid, uid, gid, exe, channel, role and "
+        "rule as keys), or journal: structured entries to systemd's journal (fields SHMBROKER_EVENT, "
+        "SHMBROKER_PEER_UID...; the shipped unit uses it) (default: text)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="also log debug messages")
 
@@ -247,6 +248,27 @@ def _print_status(status: Status) -> None:
     for ev in events:
         who = f"pid {ev['pid']} uid {ev['uid']}" if ev["pid"] is not None else "-"
         print(f"  {_fmt_time(ev['time'])} {ev['kind']} ({who}): {ev['detail']}")
+    if "confinement" in status:  # brokers older than this client do not report it
+        _print_confinement(status["confinement"])
+
+
+def _print_confinement(c: dict[str, Any]) -> None:
+    user, landlock, seccomp = c["user"], c["landlock"], c["seccomp"]
+    print("confinement:")
+    print(f"  user      {user['name'] or '?'} (uid {user['euid']}), group {user['group'] or '?'} (gid {user['egid']})")
+    if landlock["state"] == "enforced":
+        check = "reading / denied" if landlock["verified"] else "NOT VERIFIED: / is still readable"
+        print(f"  landlock  enforced, ABI {landlock['abi']}, {landlock['rules']} rules ({check})")
+    else:
+        print(f"  landlock  {landlock['state']}: {landlock['reason']}")
+    own = f", the broker's own allowlist: {seccomp['broker_filter']}" if seccomp["broker_filter"] != "off" else ""
+    print(f"  seccomp   {seccomp['mode_name']} ({seccomp['filters'] or 0} filters{own})")
+    core = c["rlimit_core"]
+    print(
+        f"  process   no_new_privs {'on' if c['no_new_privs'] else 'OFF'}, dumpable {c['dumpable']}, "
+        f"RLIMIT_CORE {core['soft']}/{core['hard']}"
+    )
+    print(f"  caps      effective: {', '.join(c['capabilities']['effective']) or 'none'}")
 
 
 def _status(args: argparse.Namespace) -> int:

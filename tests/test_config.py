@@ -187,7 +187,7 @@ create = "yes"
         load_config(path)
     lines = str(info.value).splitlines()
     assert lines == [
-        f"{path}: broker.sokcet_group: unknown key; did you mean 'socket_group'? (known: socket, socket_group, user)",
+        f"{path}: broker.sokcet_group: unknown key; did you mean 'socket_group'? (known: operator_group, socket, socket_group, user)",
         f"{path}: broker.socket: must be an absolute path",
         f"{path}: limits.max_frame_size: must be positive, not 0",
         f"{path}: limits.max_conections: unknown limit; did you mean 'max_connections'? (known: {KNOWN_LIMITS})",

@@ -45,3 +45,18 @@ def test_the_readme_quickstart_consumer_first_then_producer(broker_factory: Any)
         if consumer.poll() is None:
             consumer.kill()
             consumer.wait()
+
+
+def test_demo_shows_the_brokers_log_when_the_broker_dies() -> None:
+    """The demo deletes its directory on the way out, the broker's log with it:
+    a broker that cannot start used to leave only "timed out waiting for the
+    broker" (issue 15).  Here listen(2) fails with EPERM, from a seccomp filter
+    the demo's children inherit; the demo's own processes never listen."""
+    deny = Path(__file__).resolve().parent / "seccomp_deny.py"
+    proc = subprocess.run(
+        [sys.executable, str(deny), "50", "--", sys.executable, str(EXAMPLES / "demo.py")],  # 50: listen, x86-64
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "the broker exited with status 1 before it served" in proc.stderr
+    assert "broker log:" in proc.stderr and "hardening applied" in proc.stderr

@@ -143,3 +143,28 @@ def test_inspector_never_takes_a_late_answer_for_the_next_question() -> None:
         ex.close()
         other.kill()
         other.wait()
+
+
+def test_panic_signal_to_every_process_of_the_unit_spares_the_inspector(broker_factory: Any) -> None:
+    """`systemctl kill -s USR1` signals every process of the service, the exe
+    inspector too; it used to die of it, and every peer after the panic was
+    then refused as unverifiable (found under a real systemd, issue 15)."""
+    import signal
+
+    from conftest import wait_for
+
+    b = broker_factory("--landlock", "on")
+    with open(f"/proc/{b.pid}/task/{b.pid}/children") as f:
+        (inspector,) = [int(x) for x in f.read().split()]
+    with ShmClient.attach("p", "producer", socket_path=b.socket, size=4096) as p:
+        p.buf[:6] = b"secret"
+        for pid in (inspector, b.pid):
+            os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: p.revoked, what="the panic wipe")
+    for pid in (inspector, b.pid):
+        os.kill(pid, signal.SIGHUP)
+    assert _state(inspector) not in ("Z", "gone")
+    with ShmClient.attach("p", "producer", socket_path=b.socket, size=4096) as p2, \
+         ShmClient.attach("p", "consumer", socket_path=b.socket) as c:
+        p2.buf[:2] = b"ok"
+        assert bytes(c.buf[:2]) == b"ok"

@@ -384,19 +384,29 @@ def test_register_refuses_overlaps_and_unregister_refuses_unknown_tokens() -> No
 
 
 def test_a_guard_that_never_loads_says_what_to_install() -> None:
-    """Without the C extension the client refuses to import, naming the build requirements."""
+    """Without the C extension no segment is ever mapped unguarded: the first
+    guarded mapping refuses, naming the build requirements, and leaves no
+    mapping behind.  The package itself still imports, so the broker, which
+    never maps a segment, runs from a zipapp (issue 15)."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent("""
-            import sys
+            import os, sys
             sys.modules["shmbroker._guard"] = None  # as if it had never been built
+            import shmbroker
+            from shmbroker._sys import mapping
+            fd = os.memfd_create("unguarded")
+            os.ftruncate(fd, 4096)
             try:
-                import shmbroker
+                mapping.Mapping(fd, 4096, writable=True, revoked_offset=8)
             except ImportError as exc:
                 print(exc)
+            with open("/proc/self/maps") as f:
+                print("still mapped" if "memfd:unguarded" in f.read() else "nothing mapped")
         """)],
         capture_output=True, text=True, timeout=60,
     )
     assert "gcc" in proc.stdout and "python3-dev" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "nothing mapped" in proc.stdout
 
 
 # -- what the guard cannot do (docs/attacks.md, A6) ----------------------------

@@ -90,6 +90,19 @@ def default_config(channels: dict[str, ChannelSpec] | None = None) -> BrokerConf
     return BrokerConfig(policy=default_policy(os.getuid()), channels=channels or {})
 
 
+def status_principals(base: Principals, operator_group: int | None) -> Principals:
+    """Who may query status: ``base`` (``[status]``, else the broker's own
+    uid), and always root and the members of ``[broker] operator_group``.
+
+    Root can read the broker's memory and /proc anyway, so refusing it
+    status protects nothing and only keeps the operator from inspecting a
+    system service (issue 15); the operator group is the unprivileged way
+    to grant the same view, like systemd-journal or adm for logs.
+    """
+    gids = base.gids | ({operator_group} if operator_group is not None else set())
+    return Principals(uids=base.uids | {_trust.ROOT}, gids=frozenset(gids))
+
+
 def load_config(path: str) -> BrokerConfig:
     try:
         data = tomllib.loads(_read_trusted(path).decode("utf-8"))
@@ -169,7 +182,7 @@ def check_broker_user(config: BrokerConfig) -> None:
 
 # The file's top-level tables; docs/config.md describes every key of each.
 SECTIONS = ("broker", "status", "limits", "channels", "rules")
-_BROKER_KEYS = ("socket", "socket_group", "user")
+_BROKER_KEYS = ("socket", "socket_group", "user", "operator_group")
 _STATUS_KEYS = ("uids", "gids")
 _CHANNEL_KEYS = ("size", "backend", "wipe_when", "ring", "max_message")
 _RULE_KEYS = ("uids", "gids", "executables", "channels", "roles", "create")
@@ -254,6 +267,8 @@ class _Parser:
         socket_path = self.check(lambda: self.socket(broker.get("socket")), None)
         group = broker.get("socket_group")
         socket_group = None if group is None else self.check(lambda: self.gid(group, "broker.socket_group"), None)
+        operator = broker.get("operator_group")
+        operator_group = None if operator is None else self.check(lambda: self.gid(operator, "broker.operator_group"), None)
         user = broker.get("user")
         broker_user = None if user is None else self.check(lambda: self.uid(self._numeric(user), "broker.user"), None)
         limits = self.check(lambda: self.limits(self.table(data.get("limits", {}), "limits", None)), DEFAULT_LIMITS)
@@ -263,6 +278,7 @@ class _Parser:
         status = Principals(uids=frozenset({os.getuid()}))
         if status_table:
             status = self.check(lambda: self.principals(status_table, "status"), status)
+        status = status_principals(status, operator_group)
         if self.problems:
             raise ConfigError("\n".join(self.problems))
         return BrokerConfig(

@@ -180,6 +180,7 @@ class BrokerCore:
         *,
         euid: int,
         broker_info: Callable[[], dict[str, Any]] = dict,
+        status_extra: Callable[[], dict[str, Any]] = dict,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -188,6 +189,7 @@ class BrokerCore:
         self.limits = limits = config.limits
         self.euid = euid  # owns every segment and page this broker creates
         self._broker_info = broker_info
+        self._status_extra = status_extra  # what the driver knows of the process (its confinement)
         self._clock = clock
         self._wall_clock = wall_clock
         self.events = EventLog()
@@ -907,6 +909,7 @@ class BrokerCore:
             "connections": len(self.members),
             "counters": dict(sorted(self.events.counters.items())),
             "security_events": [e.as_dict() for e in self.events.events],
+            **self._status_extra(),
         }
 
 

@@ -52,7 +52,7 @@ from .._sys.sockqueue import unread_bytes
 from .._wire import messages as m
 from .._wire.connection import CLOSED, NEED_DATA, PAUSED, Connection, Side
 from ..errors import LimitExceeded, ProtocolError
-from . import auth
+from . import auth, confinement
 from .auth import AuthError, Verifier
 from .inspector import InspectorError
 from .config import BrokerConfig, check_broker_user
@@ -161,7 +161,10 @@ class Broker:
         self._on_ready = on_ready
         self.notifier = notifier or Notifier(None, None)
         self.started = time.time()
-        self.core = BrokerCore(config, euid=os.geteuid(), broker_info=self._info)
+        self.core = BrokerCore(
+            config, euid=os.geteuid(), broker_info=self._info,
+            status_extra=lambda: {"confinement": confinement.report()},
+        )
         self.sessions: dict[int, Session] = {}
         self._by_member: dict[Member, Session] = {}
         self._unverified: set[Unverified] = set()

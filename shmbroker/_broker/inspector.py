@@ -146,8 +146,14 @@ def _serve(sock: socket.socket, parent: int, seccomp_mode: str | None) -> None: 
         return  # the broker died before PDEATHSIG was armed
     keep = sock.fileno()
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGIO):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGIO):
         signal.signal(signum, signal.SIG_DFL)
+    # The broker's panic and reload signals are the broker's business.
+    # `systemctl kill -s USR1` signals every process of the unit, this one
+    # too, and SIGUSR1's default action would end it: every peer after the
+    # panic would then be refused as unverifiable until a restart.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     # Only stderr (for a crash message) and our socket survive.
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-import select
+import sys
 import sysconfig
 
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 from .._sys import landlock, seccomp
 from .._sys.seccomp_allowlist import X86_64
 from ..errors import ConfigError
-from . import auth
+from . import auth, confinement
 from .inspector import ExeInspector
 
 log = logging.getLogger(__name__)
@@ -55,36 +55,85 @@ def rules(*, socket_path: str, config_path: str | None, remove_socket_dir: bool 
 
 
 def _import_roots() -> set[str]:
-    """Where Python can still import from: the stdlib, site-packages and the
-    directories holding shmbroker and its dependencies.  Not sys.path as a
-    whole: its first entry is the working directory under `python -m`, which
-    is / under systemd and would open the whole filesystem for reading."""
-    import msgpack
+    """Where Python can still import from: the interpreter's library
+    directories, and the import root of every module loaded so far.
 
-    import shmbroker as _pkg
+    Derived from where modules really came from, not from assumptions about
+    the layout: Debian's /usr/bin/python3.11 builds ``select`` and others
+    into the interpreter (no ``__file__``), keeps its own packages in
+    /usr/lib/python3/dist-packages and pip's in /usr/local; a venv splits
+    the stdlib from site-packages; a zipapp imports from one archive file.
+    Not sys.path as a whole: its first entry is the working directory under
+    ``python -m``, which is / under systemd and would open the whole
+    filesystem for reading.
+    """
+    import msgpack  # noqa: F401  (loaded now, so its root is found below)
 
-    roots = {p for key, p in sysconfig.get_paths().items() if key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    roots.add(os.path.dirname(os.__file__))
-    roots.add(os.path.dirname(select.__file__ or os.__file__))  # lib-dynload: extension modules
-    for module in (_pkg, msgpack):
-        roots.add(os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or ""))))
-    return {os.path.realpath(r) for r in roots if r and os.path.realpath(r) != "/" and os.path.isdir(r)}
+    import shmbroker  # noqa: F401
+
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    # Extension modules of the stdlib (lib-dynload), wherever the build put them.
+    roots.add(sysconfig.get_config_var("DESTSHARED") or "")
+    for name, module in list(sys.modules.items()):
+        root = _module_root(name, module)
+        if root:
+            roots.add(root)
+    resolved = set()
+    for root in roots:
+        if not root:
+            continue
+        real = os.path.realpath(root)
+        # Never "/": a module loaded from the working directory under
+        # systemd would otherwise open the whole filesystem for reading.
+        if real != "/" and os.path.exists(real):
+            resolved.add(real)
+    # A root inside another adds nothing (importlib inside the stdlib).
+    return {r for r in resolved if not any(r.startswith(other + "/") for other in resolved)}
+
+
+def _module_root(name: str, module: Any) -> str | None:
+    """The sys.path entry a module was imported from, worked out from its
+    file and dotted name (``a/b/c.py`` for ``b.c`` -> ``a``), so it holds
+    for directories, site-packages and zip archives alike (for a zipapp the
+    root is the archive file itself)."""
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name
+    elif name == "__main__":
+        return None  # a script run by path: its directory is not an import root
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    path = origin if origin and origin not in ("built-in", "frozen") else getattr(module, "__file__", None)
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return None
+    levels = name.count(".") + 1
+    if os.path.splitext(os.path.basename(path))[0] == "__init__":
+        levels += 1  # pkg/__init__.py: the package directory is one more level
+    root = path
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
 
 
 def restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> int:
     """Apply the sandbox; return the Landlock ABI it used."""
+    return _restrict(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir).abi
+
+
+def _restrict(*, socket_path: str, config_path: str | None, remove_socket_dir: bool = False) -> landlock.Applied:
     allowed = rules(socket_path=socket_path, config_path=config_path, remove_socket_dir=remove_socket_dir)
-    abi = landlock.restrict_self(allowed)
+    applied = landlock.apply(allowed)
     names = {landlock.READ: "r", landlock.READ_WRITE: "rw", landlock.ACCESS_FS_REMOVE_DIR: "rmdir"}
     log.info(
         "landlock ABI %d: filesystem restricted to %s",
-        abi, ", ".join(f"{path} ({names.get(access, hex(access))})" for path, access in allowed),
+        applied.abi, ", ".join(f"{path} ({names.get(access, hex(access))})" for path, access in allowed),
     )
-    return abi
+    return applied
 
 
 def install_seccomp(mode: str) -> None:
     """The syscall allowlist recorded by tools/seccomp_trace.py (docs/hardening.md)."""
+    confinement.record_seccomp(mode)
     seccomp.install(X86_64.values(), mode)
     # tools/seccomp_trace.py looks for this line: syscalls after it are the
     # ones the allowlist must contain.
@@ -107,13 +156,27 @@ class Sandbox:
         self._verifier: auth.Verifier | None = None
         self.mode = mode
         self.enabled = mode != "off"
-        if self.enabled and landlock.abi_version() <= 0:
-            if mode == "on":
-                raise ConfigError(
-                    "--landlock on: this kernel has no Landlock (5.13+, enabled in lsm=); use --landlock auto or off"
-                )
-            log.warning("this kernel has no Landlock: the broker's filesystem access stays unrestricted")
-            self.enabled = False
+        confinement.reset()
+        confinement.record_names()
+        if not self.enabled:
+            confinement.record_landlock(mode, "off", reason="disabled with --landlock off")
+            return
+        support = landlock.probe()
+        if support.available:
+            return
+        # "No Landlock" and "Landlock refused by a filter in front of us" are
+        # different problems: the first is the machine, the second is a
+        # deployment mistake an operator can fix in one line.
+        reason = support.reason()
+        confinement.record_landlock(mode, support.state, reason=reason)
+        if mode == "on":
+            fix = "fix the filter" if support.blocked else "use --landlock auto or off"
+            raise ConfigError(f"--landlock on: {reason}; {fix}")
+        if support.blocked:
+            log.warning("SECURITY: %s; the broker's filesystem access stays unrestricted", reason)
+        else:
+            log.warning("%s: the broker's filesystem access stays unrestricted", reason)
+        self.enabled = False
 
     def apply(self, broker: Any) -> None:
         self._landlock(broker)
@@ -127,15 +190,21 @@ class Sandbox:
         self._verifier = broker.verifier
         self._verifier.inspector = self.inspector
         try:
-            restrict(
+            applied = _restrict(
                 socket_path=self.socket_path, config_path=self.config_path,
                 remove_socket_dir=broker.listener.created_directory,
             )
-        except OSError as exc:
+        except (OSError, landlock.LandlockUnavailable) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            confinement.record_landlock(self.mode, landlock.FAILED, reason=f"could not apply the Landlock sandbox: {reason}")
             if self.mode == "on":
-                raise ConfigError(f"could not apply the Landlock sandbox: {exc.strerror or exc}") from None
-            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", exc.strerror or exc)
+                raise ConfigError(f"could not apply the Landlock sandbox: {reason}") from None
+            log.warning("Landlock sandbox not applied (%s); filesystem access stays unrestricted", reason)
             self.close()
+            return
+        confinement.record_landlock(
+            self.mode, "enforced", abi=applied.abi, rules=len(applied.rules), paths=[path for path, _ in applied.rules],
+        )
 
     def close(self) -> None:
         if self.inspector is not None:

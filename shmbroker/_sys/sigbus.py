@@ -18,20 +18,40 @@ was reset to SIG_DFL or SIG_IGN, and otherwise warns once.
 from __future__ import annotations
 
 import logging
-
-try:
-    from .. import _guard
-except ImportError as exc:  # pragma: no cover - a broken install
-    raise ImportError(
-        "shmbroker's C extension shmbroker._guard is missing or does not load "
-        f"({exc}); reinstall shmbroker with pip on a machine with gcc and the Python headers "
-        "(apt-get install gcc python3-dev)"
-    ) from exc
+from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-TableFull = _guard.TableFull
-SLOTS: int = _guard.SLOTS
+_guard: ModuleType | None = None
+
+
+def _extension() -> ModuleType:
+    """The C extension, loaded at first use rather than at import: the
+    broker never maps a segment and so never needs it, which lets
+    ``shmbroker serve`` run from a plain zipapp (an archive can hold no
+    extension module).  Clients need it at their first attach."""
+    global _guard
+    if _guard is None:
+        try:
+            from .. import _guard as extension
+        except ImportError as exc:  # a broken install, or a zipapp
+            raise ImportError(
+                "shmbroker's C extension shmbroker._guard is missing or does not load "
+                f"({exc}); reinstall shmbroker with pip on a machine with gcc and the Python headers "
+                "(apt-get install gcc python3-dev); a zipapp cannot hold it, so run clients from an "
+                "installed copy (the broker itself runs from a zipapp)"
+            ) from exc
+        _guard = extension
+    return _guard
+
+
+def __getattr__(name: str) -> Any:
+    # TableFull and SLOTS come from the extension; PEP 562 keeps them lazy.
+    if name in ("TableFull", "SLOTS"):
+        return getattr(_extension(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _warned = False
 
@@ -41,7 +61,7 @@ def install() -> bool:
 
     Cheap enough to call before every guarded mapping (one sigaction(2) call)."""
     global _warned
-    if _guard.install():
+    if _extension().install():
         return True
     if not _warned:
         _warned = True
@@ -56,24 +76,24 @@ def install() -> bool:
 
 def active() -> bool:
     """True if the guard is the process's SIGBUS handler now."""
-    return _guard.active()
+    return bool(_extension().active())
 
 
 def watch(address: int, length: int, revoked_offset: int, writable: bool) -> int:
     """Guard a MAP_SHARED range; return its token.  Installs the handler first."""
     install()
-    return _guard.register(address, length, revoked_offset, writable)
+    return int(_extension().register(address, length, revoked_offset, writable))
 
 
 def unwatch(token: int) -> bool:
     """Stop guarding; True if a fault replaced the range.  A token already
     unwatched is fine: tokens are never reused, so it cannot name another range."""
     try:
-        return _guard.unregister(token)
+        return bool(_extension().unregister(token))
     except ValueError:
         return False
 
 
 def faulted(token: int) -> bool:
     """True if a fault replaced the range with zero pages."""
-    return _guard.faulted(token)
+    return bool(_extension().faulted(token))

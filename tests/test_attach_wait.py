@@ -90,3 +90,38 @@ def test_a_uid_may_hold_only_so_many_waits_and_a_client_that_gives_up_frees_its_
         ShmClient.attach("absent", "consumer", socket_path=broker.socket, wait=0.3)
     for s in waiting:
         s.close()
+
+
+def test_what_a_held_client_sends_stays_in_its_own_socket_and_its_hang_up_is_still_seen(
+    broker_factory: Any, short_tmp: Path
+) -> None:
+    """Held for up to a day, a request must not let its peer make the broker
+    buffer more (found by the red team: 64 held requests with 1 MiB behind
+    each grew the broker by 64 MiB).  The broker stops reading; the bytes
+    wait in the peer's socket, which the kernel bounds."""
+    import socket as socketlib
+
+    from adversary import frames, wait_until
+    from shmbroker._wire import messages as m
+
+    broker = _broker(broker_factory, short_tmp)
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    s.connect(broker.socket)
+    s.sendall(frames(m.Hello(), m.Attach(channel="absent", role="consumer", wait=60.0)))
+    time.sleep(0.3)
+    s.setblocking(False)
+    junk = b"\x00\x00\xff\xf0" + bytes(65520)  # one well-formed frame header after another
+    accepted = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            accepted += s.send(junk)
+        except BlockingIOError:
+            time.sleep(0.05)  # give the broker every chance to read more
+    assert accepted < 1 << 20, f"the broker took {accepted} bytes from a held connection"
+    held = ShmClient.status(socket_path=broker.socket)["connections"]
+    s.close()
+    # Unread, it is polled for a hang-up each tick (at least once a second).
+    wait_until(
+        lambda: ShmClient.status(socket_path=broker.socket)["connections"] < held, timeout=5, what="the hang-up to be seen"
+    )

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from adversary import PYTHON, RawPeer, hello_attach, policy_toml, reap, wait_until, write_config
+from adversary import PYTHON, RawPeer, frames, hello_attach, policy_toml, reap, wait_until, write_config
 from conftest import env_for_copy
 from helpers import NOBODY
 from shmbroker import ShmClient
@@ -124,6 +124,71 @@ def test_a_verified_peer_that_execs_cannot_attach_again_on_the_same_connection(
     raw = bytes.fromhex(out)
     assert b"protocol" in raw and b"only one attach" in raw, raw
     assert wait_until(lambda: exe_broker.events("identity_changed"), what="identity_changed")
+
+
+_READ_UNTIL_CLOSED = (
+    "import socket, sys\n"
+    "s = socket.socket(fileno=int(sys.argv[1]))\n"
+    "print('execd', flush=True)\n"
+    "s.settimeout(15)\n"
+    "fds = 0\n"
+    "while True:\n"
+    "    msg, anc, flags, addr = s.recvmsg(65536, socket.CMSG_SPACE(16 * 4))\n"
+    "    fds += sum(len(data) // 4 for _, _, data in anc)\n"
+    "    if not msg: break\n"
+    "print(fds, flush=True)\n"
+)
+
+
+def test_an_attach_held_across_an_exec_is_not_answered_to_the_new_image(exe_broker: Any, copied_python: Path) -> None:
+    """attach(wait=) is answered turns after it was asked: a verified consumer
+    that parks one and then execs another binary must not get the segment
+    when its producer comes (found by the red team: the held request was
+    answered to whatever the process ran by then)."""
+    out_r, out_w = os.pipe()
+
+    def consumer() -> None:
+        from shmbroker._wire import messages as m
+
+        peer = RawPeer(exe_broker.socket)
+        peer.send(frames(m.Hello(), m.Attach(channel="held", role="consumer", wait=60.0)))
+        assert isinstance(peer.reply(), m.Welcome)  # verified as the real interpreter; the attach is held
+        fd = peer.sock.fileno()
+        os.set_inheritable(fd, True)
+        os.dup2(out_w, 1)
+        os.execve(str(copied_python), [str(copied_python), "-c", _READ_UNTIL_CLOSED, str(fd)], env_for_copy())
+
+    pid = _fork(consumer)
+    os.close(out_w)
+    try:
+        with os.fdopen(out_r) as out:
+            assert out.readline().strip() == "execd"
+            with ShmClient.attach("held", size=4096, socket_path=exe_broker.socket) as producer:
+                producer.buf[: len(SECRET)] = SECRET
+                received = out.readline().strip()
+                assert received == "0", f"the exec'd image received {received} fd(s) of the held attach"
+                events = wait_until(lambda: exe_broker.events("identity_changed"), what="identity_changed")
+                assert events[0]["pid"] == pid and str(copied_python) in events[0]["detail"], events
+                # It got nothing, so the producer, who did nothing wrong, keeps its segment.
+                assert not producer.revoked
+    finally:
+        reap(pid)
+
+
+@pytest.mark.xfail(strict=True, reason="a process that execs and then exits is past recognition at its hang-up (docs/attacks.md, A2)")
+def test_an_exec_followed_by_exit_without_closing_is_still_reported(exe_broker: Any, copied_python: Path) -> None:
+    """The check at close stats /proc/PID/exe, but a process that exits has
+    dropped its memory (and so its executable) before its fds are closed: by
+    the time the broker sees the hang-up there is nothing left to compare."""
+    def producer() -> None:
+        att = ShmClient.attach("exits", size=4096, socket_path=exe_broker.socket)
+        fd = att._link.sock.fileno()  # type: ignore[union-attr]
+        os.set_inheritable(fd, True)
+        os.execve(str(copied_python), [str(copied_python), "-c", "import os; os._exit(0)"], env_for_copy())
+
+    pid = _fork(producer)
+    reap(pid)
+    assert wait_until(lambda: exe_broker.events("identity_changed"), timeout=3, what="identity_changed")
 
 
 @pytest.mark.xfail(strict=True, reason="no check on the socket can see an fd inherited across exec (docs/attacks.md, A2)")

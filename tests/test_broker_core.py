@@ -339,3 +339,45 @@ def test_json_logs_carry_an_events_fields_as_keys() -> None:
     assert {k: entry[k] for k in ("pid", "uid", "gid", "exe", "channel", "role", "rule")} == {
         "pid": 5, "uid": 6, "gid": 7, "exe": "/x", "channel": "c", "role": "consumer", "rule": 1,
     }
+
+
+def test_a_held_attachs_fds_go_out_only_after_a_fresh_exe_check() -> None:
+    """attach(wait=) answered turns later: the peer may have exec()ed another
+    binary meanwhile, so the Send carrying fds asks the driver to re-verify."""
+    core, _, _ = make_core()
+    consumer = join(core, 2000)
+    assert run(core, core.request(consumer, m.Attach(channel="later", role="consumer", wait=30.0))) == []
+    producer = join(core)
+    actions = run(core, core.request(producer, m.Attach(channel="later", role="producer", size=4096)))
+    sends = {a.member: a for a in actions if isinstance(a, c.Send)}
+    assert not sends[producer].reverify, "answered in its own turn: nothing to re-check"
+    assert sends[consumer].reverify and sends[consumer].fds
+    for send in sends.values():
+        if send.charge is not None:
+            send.charge.release()
+
+
+def test_a_held_attach_that_times_out_is_closed_without_a_handshake_event() -> None:
+    core, _, clock = make_core(handshake_timeout=1.0)
+    consumer = join(core, 2000)
+    run(core, core.request(consumer, m.Attach(channel="later", role="consumer", wait=2.0)))
+    clock.now += 2.5
+    actions = core.expired(clock.now)
+    assert [type(a) for a in actions] == [c.Send, c.Close], actions
+    assert error_code(actions[0].message) == "timeout"  # type: ignore[union-attr]
+    assert not core.events.events, core.events.events
+
+
+def test_refusals_cannot_use_up_the_burst_that_reports_an_exec() -> None:
+    """16 refusals spend a uid's refusal burst; an identity change after them is still kept and logged."""
+    core, changed, _ = make_core()
+    member = join(core, 2000)
+    for _ in range(core.limits.refusals_per_uid_burst + 2):
+        run(core, core.request(member, m.Attach(channel="ch", role="consumer")))  # no such channel: refused
+    victim = join(core, 2000)
+    attach(core, victim, "ch", size=4096)
+    changed[victim.identity.pid] = "pid now runs /tmp/other"
+    leave(core, victim)
+    kinds = [e.kind.value for e in core.events.events]
+    assert kinds.count("request_refused") == core.limits.refusals_per_uid_burst
+    assert "identity_changed" in kinds, kinds

@@ -229,6 +229,16 @@ def recheck(peer: VerifiedPeer, *, stat_exe: StatExe = _DEFAULT.stat_exe) -> str
     return recheck_result(peer, stat)
 
 
+def still_verified(peer: VerifiedPeer, stat: StatResult) -> bool:
+    """Whether the peer still runs what it was admitted with, strictly: a
+    stat that failed, or a process that exited, is a no (fail closed)."""
+    if peer.pidfd < 0 or isinstance(stat, OSError):
+        return False
+    dev, ino, _ = stat
+    # The pidfd after the stat, as in finish_verify: the stat then described the admitted process.
+    return (dev, ino) == peer.identity.exe and pidfd.pidfd_pid(peer.pidfd) == peer.identity.pid
+
+
 def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
     """Why the identity changed, given its executable's stat now, or None.
 

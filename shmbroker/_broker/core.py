@@ -131,6 +131,10 @@ class Send:
     message: m.Message
     fds: tuple[int, ...] = ()
     charge: Charge | None = None
+    # The answer to a request held since an earlier turn (attach wait=):
+    # the peer may have exec()ed another binary on the connection meanwhile,
+    # so its executable is checked again before the fds go out.
+    reverify: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -207,6 +211,9 @@ class BrokerCore:
             total={Resource.CONNECTIONS: limits.max_connections},  # FDS: set by the driver from its rlimit
         )
         self.refusals = RateLimiter(limits.refusals_per_uid_burst, limits.refusal_window)
+        # identity_changed has a burst of its own: refusals, which cost a
+        # peer nothing, must not use it up and so hide an exec that follows.
+        self.identity_events = RateLimiter(limits.refusals_per_uid_burst, limits.refusal_window)
         # attach(wait=) requests held until their channel exists (and a ring
         # consumer's has a producer): channel name -> [(member, request)].
         self.awaiting: dict[str, list[tuple[Member, m.Attach]]] = {}
@@ -295,10 +302,14 @@ class BrokerCore:
         for name, held in list(self.awaiting.items()):
             for member, request in [(s, r) for s, r in held if s.wait_until is not None and s.wait_until <= now]:
                 self._unhold(member)
+                member.accepted_at = now  # answered: no handshake timeout on top
                 what = "a producer" if self._waits_for_producer(name) else "the channel"
                 actions.append(Send(member, error_reply(Timeout(
                     f"waited {request.wait:g}s for {what} of {name!r} to appear; none did"
                 ))))
+                # The client gives up on a Timeout: closing now, rather than
+                # at handshake_timeout, keeps an honest wait out of the audit.
+                actions.append(Close(member))
         for member in [s for s in self.members if not s.attached and not s.parked and now - s.accepted_at >= deadline]:
             self.events.count("handshake_timeouts")
             reason = f"handshake not finished within {deadline:g}s"
@@ -345,13 +356,20 @@ class BrokerCore:
         for member, request in list(self.awaiting.get(name, [])):
             if name in self.channels and not (request.role == "consumer" and self._waits_for_producer(name)):
                 self._unhold(member)
-                actions += self.request(member, request)
+                # Its handshake clock starts again: a refusal now is answered
+                # like any other, not followed by a handshake timeout.
+                member.accepted_at = self._clock()
+                actions += [
+                    dataclasses.replace(a, reverify=True) if isinstance(a, Send) and a.member is member and a.fds else a
+                    for a in self.request(member, request)
+                ]
         return actions
 
     def peer_event(self, kind: EventKind, detail: str, *, who: Who) -> None:
         """Record an event a peer caused (logged at warning), within its uid's
         burst; past it, only count it."""
-        if who.uid is None or self.refusals.allow(who.uid, self._clock()):
+        limiter = self.identity_events if kind is EventKind.IDENTITY_CHANGED else self.refusals
+        if who.uid is None or limiter.allow(who.uid, self._clock()):
             self.events.record(kind, detail, who=who)
         else:
             self.events.count(kind.value)
@@ -525,7 +543,10 @@ class BrokerCore:
         member.attachment_charge = attachment_charge
         member.attached_at = self._wall_clock()
         self.events.count("attaches")
-        log.info(
+        # Debug, not info: a peer the policy admits may attach and detach in
+        # a loop, and a line each would let it flood the log (the counters
+        # in status keep the totals; refusals stay warnings).
+        log.debug(
             "attached pid %d uid %d exe %s to channel %r as %s (size %d, generation %d)",
             identity.pid, identity.uid, identity.exe_path, channel.name, request.role, segment.size, segment.generation,
         )
@@ -691,11 +712,19 @@ class BrokerCore:
             # asks (maybe the exe inspector, while others are served) and
             # reports to rechecked().
             actions.append(Recheck(member, channel, segment))
-        log.info("detached pid %d from channel %r", member.identity.pid, channel.name)
+        log.debug("detached pid %d from channel %r", member.identity.pid, channel.name)
         if not channel.members and not channel.waiting:
             self._release_segment(channel, actions=actions)
         elif member.role == "producer" and segment is channel.segment:
             self._apply_liveness_rule(channel, actions)
+
+    def changed_before_answer(self, member: Member, reason: str) -> None:
+        """A held attach's peer runs another executable now: its answer was
+        not sent.  Recorded; nothing is revoked, since it received nothing."""
+        self.peer_event(
+            EventKind.IDENTITY_CHANGED, f"{reason}; its held attach was not answered",
+            who=member.who(channel=member.channel.name if member.channel else None, role=member.role),
+        )
 
     def rechecked(self, recheck: Recheck, reason: str | None) -> list[Action]:
         """The re-check of a member that left: if it runs something else now
@@ -840,7 +869,7 @@ class BrokerCore:
 
     def refusal_summaries(self, now: float) -> None:
         """One event per uid whose burst ran out in a window that ended."""
-        for uid, dropped in self.refusals.expired(now):
+        for uid, dropped in [*self.refusals.expired(now), *self.identity_events.expired(now)]:
             self.events.record(
                 EventKind.REFUSALS_SUPPRESSED,
                 f"uid {uid} caused {dropped} more refusal(s) or security event(s) in the last "

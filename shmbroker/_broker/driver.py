@@ -32,6 +32,7 @@ Work per peer is bounded and shared fairly (docs/attacks.md, A7 and A8):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import logging
 import os
@@ -131,6 +132,10 @@ class Session:
         self.closed = False
         self.recheck_at = 0.0  # when to ask again whether the peer read our fds
         self.recheck_delay = 0.0
+        self.verifying = False  # its held request's answer waits on a fresh exe check
+        # Held (wait=) and it sent more: left unread in its own socket buffer,
+        # and polled for a hang-up each tick instead.
+        self.quiet = False
 
     @property
     def uid(self) -> int:
@@ -195,6 +200,7 @@ class Broker:
         self._rechecking: set[Member] = set()
         # Sessions with replies queued in this turn, written at its end.
         self._pending_flush: set[Session] = set()
+        self._quiet: set[Session] = set()  # held sessions not read, polled for a hang-up
 
     @property
     def events(self) -> Any:
@@ -348,6 +354,8 @@ class Broker:
                 for charge in charges:
                     charge.release()
                 del self._lingering[index]
+        for session in [s for s in self._quiet if _hung_up(s.sock)]:
+            self._close_session(session, recheck_identity=True)  # gave up waiting
         self.core.refusal_summaries(now)
         if not self._listening and self._reserve_fd < 0:
             try:
@@ -591,6 +599,9 @@ class Broker:
             self._read(session)
 
     def _read(self, session: Session) -> None:
+        if session.member.wait_until is not None:
+            self._peek_held(session)
+            return
         try:
             data, fds, flags, sender = fdpass.recv_with_sender(session.sock, RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -610,15 +621,29 @@ class Broker:
             violation = ProtocolError(f"clients may not send file descriptors (sent {len(fds)}; closed them)")
             self._apply(self.core.protocol_error(session.member, violation))
             return
-        if not data and session.member.parked:
-            self._close_session(session, recheck_identity=True)  # gave up waiting
-            return
         try:
             session.conn.receive_data(data)
         except ProtocolError as exc:
             self._apply(self.core.protocol_error(session.member, exc))
             return
         session.input = True
+        self._settle(session)
+
+    def _peek_held(self, session: Session) -> None:
+        """A held attach's socket turned readable: a hang-up ends the wait;
+        anything else it sends stays in its socket until the answer is out
+        (held for up to a day, it must not make the broker buffer it)."""
+        try:
+            peeked = session.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            peeked = b""
+        if not peeked:
+            self._close_session(session, recheck_identity=True)  # gave up waiting
+            return
+        session.quiet = True
+        self._quiet.add(session)
         self._settle(session)
 
     def _settle(self, session: Session) -> None:
@@ -628,7 +653,12 @@ class Broker:
         pipelines fills its own socket buffer, not the broker's memory."""
         if session.closed or session in self._pending_flush:
             return  # settled once its replies are written, at the end of this turn
-        if session.outbox:
+        if session.quiet and session.member.wait_until is None:
+            session.quiet = False  # answered: what it sent is read as usual
+            self._quiet.discard(session)
+        if session.verifying or session.quiet:
+            self._want(session, 0)
+        elif session.outbox:
             self._want(session, selectors.EVENT_WRITE)
         elif session.member.parked:
             # Held for a channel (wait=): still read, to notice the peer giving
@@ -657,7 +687,7 @@ class Broker:
 
     def _step(self, session: Session) -> bool:
         """The session's turn: handle one request; True to be called again."""
-        if session.closed or self._blocked(session) or session.member.parked:
+        if session.closed or self._blocked(session) or session.member.parked or session.verifying:
             session.queued = False
             return False
         if session.conn.request_waiting and session.reply_charge is not None and not self._reply_read(session):
@@ -786,6 +816,9 @@ class Broker:
         """Queue a reply with copies of its fds: the broker's only way to
         talk to a session, in order, so no frame is ever written into the
         middle of another."""
+        if action.reverify:
+            self._reverify_then_send(session, action)
+            return
         copies: list[int] = []
         try:
             # Duplicated before the message advances the conversation, so a
@@ -805,6 +838,39 @@ class Broker:
                 session.reply_charge.release()  # cannot happen: one fd reply is read before the next request
             session.reply_charge = action.charge
             self._unread.add(session)
+
+    def _reverify_then_send(self, session: Session, action: Send) -> None:
+        """Send a held request's fds only if the peer still runs what it was
+        admitted with: a process that exec()ed another binary since keeps the
+        connection, and would otherwise receive them (docs/attacks.md, A2).
+        Until the answer is in, nothing more of the session is read."""
+        session.verifying = True
+        member = session.member
+
+        def checked(stat: auth.StatResult) -> None:
+            session.verifying = False
+            if session.closed:
+                if action.charge is not None:
+                    action.charge.release()
+                return
+            try:
+                same = auth.still_verified(member.peer, stat)
+                reason = None if same else auth.recheck_result(member.peer, stat)
+            except Exception as exc:  # fail closed
+                same, reason = False, f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
+            if not same:
+                # Nothing is sent.  No segment is revoked either: the peer got
+                # nothing, and its channel's other peers did nothing wrong.
+                if action.charge is not None:
+                    action.charge.release()
+                if reason is not None:  # None: it exited meanwhile
+                    self.core.changed_before_answer(member, reason)
+                self._close_session(session, recheck_identity=False)
+                return
+            self._send(session, dataclasses.replace(action, reverify=False))
+            self._pending_flush.add(session)
+
+        self._ask_exe(member.identity.pid, checked)
 
     def _flush(self, session: Session) -> None:
         try:
@@ -843,6 +909,7 @@ class Broker:
         self._by_member.pop(session.member, None)
         self._waiting_read.discard(session)
         self._unread.discard(session)
+        self._quiet.discard(session)
         try:
             self._apply(self.core.leave(session.member, recheck_identity=recheck_identity))
         finally:

@@ -240,7 +240,7 @@ def test_check_config_exits_2_with_every_error_and_no_traceback(tmp_path: Path) 
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
         f"{path}: broker.socket: must be an absolute path",
-        f"{path}: rules[0].bogus: unknown key (known: channels, create, executables, gids, roles, uids)",
+        f"{path}: rules[0].bogus: unknown key (known: cgroups, channels, create, executables, gids, labels, roles, uids, units)",
         f"{path}: rules[0].uids: no such user: 'no-such-user-xyz'",
         f"{path}: 3 errors; `shmbroker serve` would refuse to start with this file",
     ]

@@ -254,3 +254,14 @@ def test_serve_logs_config_warnings(tmp_path: Path, broker_factory: Any) -> None
     path = write(tmp_path, f"[status]\nuids = [0]\n[[rules]]\nuids = [0]\nexecutables = ['{script}']\n")
     broker = broker_factory("--config", path)
     assert f"rules[0].executables: {script} is a script" in broker.log.read_text()
+
+
+def test_a_refusal_names_each_allowed_principal_once() -> None:
+    """Two rules for one uid (one per channel) used to list it twice."""
+    from shmbroker._broker.policy import Policy, Principals, Rule
+
+    alice = Principals(uids=frozenset({1000}))
+    policy = Policy(rules=(Rule(alice, None, ("a",)), Rule(alice, None, ("b",))), status=Principals())
+    with pytest.raises(PermissionDenied) as exc:
+        policy.check_connect(1001, 1001, ())
+    assert str(exc.value).count("allowed uids: 1000") == 1, exc.value

@@ -196,7 +196,8 @@ class Policy:
         raise PermissionDenied(self._uid_refusal(identity))
 
     def _uid_refusal(self, identity: Identity) -> str:
-        allowed = "; ".join(r.principals.describe() for r in self.rules) or "no rules"
+        # Once each: several rules for one uid (by channel) would repeat it.
+        allowed = "; ".join(dict.fromkeys(r.principals.describe() for r in self.rules)) or "no rules"
         return (
             f"permission denied: uid {identity.uid} (gid {identity.gid}) is not allowed "
             f"to use this broker ({allowed})"
@@ -224,7 +225,7 @@ class Policy:
             what, allowed = _refusal(identity, mine)
             raise PermissionDenied(f"permission denied: {what} may not attach to channel {channel!r} as {role} ({allowed})")
         if covering:
-            who = "; ".join(r.principals.describe() for r in covering)
+            who = "; ".join(dict.fromkeys(r.principals.describe() for r in covering))
             raise PermissionDenied(
                 f"permission denied: uid {identity.uid} may not attach to channel "
                 f"{channel!r} as {role} ({who})"

@@ -37,7 +37,18 @@ from typing import Any
 
 import pytest
 
-from adversary import PYTHON, inprocess_broker, wait_until, write_config
+from adversary import (
+    PYTHON,
+    RawPeer,
+    can_recycle_pids,
+    error_of,
+    hello_attach,
+    inprocess_broker,
+    reap,
+    recycle_pid,
+    wait_until,
+    write_config,
+)
 from helpers import NOBODY
 from shmbroker._broker import config as broker_config
 from shmbroker._sys import cgroup as syscgroup
@@ -347,6 +358,120 @@ def test_a_peer_moved_while_being_verified_is_refused_not_judged_by_the_cgroup_i
         assert not refused["ok"] and "moved to another cgroup while it was being verified" in refused["error"], refused
         events = [e for e in broker.status()["security_events"] if e["pid"] == camera.pid]
         assert [e["kind"] for e in events] == ["peer_rejected"], events
+
+
+def test_a_pid_recycled_into_the_admitted_unit_does_not_admit_the_peer_that_left(
+    cgroups: CgroupTree, broker_factory: Any, short_tmp: Path
+) -> None:
+    """The peer (same interpreter, plugin.service) connects while the broker
+    is stopped, passes its socket on and exits; its pid goes to a process
+    put in camera.service before the broker looks.  /proc/PID/cgroup then
+    names camera.service: only the pidfd, asked for the cgroup id and
+    checked after the read, shows that the peer is gone."""
+    import signal
+
+    from test_attack_pid_reuse import ATTACKER
+
+    if not can_recycle_pids():
+        pytest.skip("recycling a pid needs root and a writable /proc/sys/kernel/ns_last_pid")
+    b = broker_factory("--config", _config(short_tmp, 'units = ["camera.service"]'))
+    procs = str(cgroups.procs("plugin.service"))
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write("0")
+
+    os.kill(b.pid, signal.SIGSTOP)
+    recycled = None
+    try:
+        ours, theirs = socket.socketpair()
+        with ours:
+            subprocess.run(
+                [sys.executable, "-c", ATTACKER, b.socket, str(theirs.fileno()), hello_attach("reuse").hex(), "no"],
+                pass_fds=[theirs.fileno()], preexec_fn=enter, check=True, timeout=30,
+            )
+            theirs.close()
+            data, anc, _, _ = ours.recvmsg(32, socket.CMSG_SPACE(4))
+        dead_pid, sock = int(data), socket.socket(fileno=int.from_bytes(anc[0][2][:4], "little"))
+        recycled = recycle_pid(dead_pid)
+        assert recycled == dead_pid, "could not recycle the peer's pid (machine too busy?)"
+        cgroups.move(recycled, "camera.service")
+        assert syscgroup.process_cgroup(dead_pid) == cgroups.path("camera.service")
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    try:
+        peer = RawPeer.adopt(sock)
+        code, message = error_of(peer.reply())
+        assert code == "permission_denied" and "stale pid" in message, message
+        assert not peer.fds, "the broker handed a segment to a recycled pid"
+        peer.close()
+    finally:
+        if recycled:
+            reap(recycled)
+    assert [e["pid"] for e in b.events("peer_rejected")] == [dead_pid]
+
+
+@pytest.mark.parametrize("dumpable", [True, False])
+def test_a_same_uid_process_reads_an_admitted_peers_memory_unless_it_is_non_dumpable(dumpable: bool) -> None:
+    """`units` decides who the broker hands a segment to; it does not stop a
+    process of the same uid from reading the admitted process's memory,
+    mapping included, through /proc/PID/mem (ptrace access), as long as
+    that process is dumpable.  A client that makes itself non-dumpable
+    (``harden=True``) closes that door; Yama's ptrace_scope may too."""
+    import ctypes
+
+    secret = b"camera-frame-secret"
+    ready_r, ready_w = os.pipe()
+    camera = os.fork()
+    if camera == 0:
+        try:
+            os.close(ready_r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            # setuid() left us non-dumpable, as exec() would not: a service
+            # started by systemd is dumpable unless it says otherwise.
+            assert ctypes.CDLL(None).prctl(4, int(dumpable), 0, 0, 0) == 0  # PR_SET_DUMPABLE
+            buf = ctypes.create_string_buffer(secret)
+            os.write(ready_w, ctypes.addressof(buf).to_bytes(8, "little"))
+            import time
+
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    address = int.from_bytes(os.read(ready_r, 8), "little")
+    os.close(ready_r)
+    out_r, out_w = os.pipe()
+    plugin = os.fork()
+    if plugin == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                fd = os.open(f"/proc/{camera}/mem", os.O_RDONLY)
+                os.write(out_w, os.pread(fd, len(secret), address))
+            except OSError as exc:
+                os.write(out_w, f"errno {exc.errno}".encode())
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as f:
+        got = f.read()
+    os.waitpid(plugin, 0)
+    os.kill(camera, 9)
+    os.waitpid(camera, 0)
+    if dumpable:
+        try:
+            with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+                if f.read().strip() != "0":
+                    pytest.skip("Yama's ptrace_scope keeps same-uid processes from reading each other here")
+        except OSError:
+            pass  # no Yama: same uid may
+        assert got == secret
+    else:
+        assert got == f"errno {errno.EACCES}".encode(), got
 
 
 # -- labels (SO_PEERSEC) ----------------------------------------------------------

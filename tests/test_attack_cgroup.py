@@ -558,6 +558,20 @@ def test_unit_and_cgroup_keys_report_every_bad_entry(tmp_path: Path) -> None:
     assert len(lines) == len(expected), lines
 
 
+def test_units_and_cgroups_refuse_to_load_without_a_cgroup_v2_hierarchy(tmp_path: Path) -> None:
+    """On a cgroup v1-only system no process has a cgroup v2 path: the keys
+    could match nobody, and say so (the check reads our own /proc/self/cgroup;
+    here given a v1-only copy, since this machine has cgroup2)."""
+    v1_only = tmp_path / "cgroup"
+    v1_only.write_text("12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/x.service\n")
+    reason = broker_config.cgroups_unavailable(str(v1_only))
+    assert reason is not None and "no cgroup v2 hierarchy" in reason
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text("1:name=systemd:/system.slice/x.service\n0::/system.slice/x.service\n")
+    assert broker_config.cgroups_unavailable(str(hybrid)) is None
+    assert broker_config.cgroups_unavailable() is None  # this machine
+
+
 def test_a_peer_outside_the_broker_cgroup_namespace_has_no_cgroup() -> None:
     """A path beginning with "/.." (the peer is above our cgroup namespace's
     root) names no directory we can check, and matches no pattern."""

@@ -255,12 +255,32 @@ def labels_unavailable() -> str | None:
         b.close()
 
 
+def cgroups_unavailable(own_cgroup: str = "/proc/self/cgroup") -> str | None:
+    """Why no peer can have a cgroup v2 path here, or None if we have one.
+
+    A process's cgroup v2 path is the ``0::`` line of /proc/PID/cgroup; on a
+    cgroup v1-only system no process has one, so `units` and `cgroups`
+    would match nobody: refused at load, like `labels` without an LSM."""
+    try:
+        with open(own_cgroup, encoding="utf-8", errors="surrogateescape") as f:
+            if any(line.startswith("0::") for line in f):
+                return None
+    except OSError as exc:
+        return f"{own_cgroup} cannot be read ({exc.strerror}), so no peer's cgroup can be known"
+    return (
+        "this system has no cgroup v2 hierarchy (no '0::' line in /proc/self/cgroup), so no peer has a "
+        "cgroup path or unit and this rule could never match; boot with the unified or hybrid cgroup "
+        "hierarchy, or tell peers apart by 'uids'"
+    )
+
+
 class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[str] = []
         self.warnings: list[str] = []
         self._no_labels: str | None | bool = False  # not asked yet
+        self._no_cgroups: str | None | bool = False
 
     def fail(self, key: str, reason: str) -> _Invalid:
         return _Invalid(key, reason)
@@ -462,6 +482,12 @@ class _Parser:
             raise _Reported
         return tuple(items)
 
+    def need_cgroups(self, key: str) -> None:
+        if self._no_cgroups is False:
+            self._no_cgroups = cgroups_unavailable()
+        if isinstance(self._no_cgroups, str):
+            raise self.fail(key, self._no_cgroups)
+
     def units(self, value: Any, key: str) -> tuple[str, ...]:
         def check(name: str) -> str | None:
             if "/" in name:
@@ -473,7 +499,9 @@ class _Parser:
             if not _GLOB.search(name) and not is_unit_name(name):
                 return f"is not a systemd unit name (NAME.TYPE, TYPE one of {', '.join(sorted(UNIT_SUFFIXES - {'slice'}))})"
             return None
-        return self.patterns(value, key, check)
+        units = self.patterns(value, key, check)
+        self.need_cgroups(key)
+        return units
 
     def cgroups(self, value: Any, key: str) -> tuple[str, ...]:
         def check(path: str) -> str | None:
@@ -483,7 +511,9 @@ class _Parser:
             if path != "/" and any(p in ("", ".", "..") for p in parts):
                 return "must not contain empty, '.' or '..' components"
             return None
-        return self.patterns(value, key, check)
+        paths = self.patterns(value, key, check)
+        self.need_cgroups(key)
+        return paths
 
     def labels(self, value: Any, key: str) -> tuple[str, ...]:
         items = self.patterns(value, key, lambda label: None)

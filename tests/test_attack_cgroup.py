@@ -46,6 +46,7 @@ from adversary import (
     inprocess_broker,
     reap,
     recycle_pid,
+    start_broker_with,
     wait_until,
     write_config,
 )
@@ -301,6 +302,34 @@ def test_root_moves_any_process_anywhere(cgroups: CgroupTree, broker_factory: An
         assert plugin.say()["ok"]
     finally:
         plugin.close()
+
+
+def test_a_broker_that_cannot_see_cgroup2_still_judges_by_the_path(cgroups: CgroupTree, short_tmp: Path) -> None:
+    """A broker in a mount namespace without the cgroup2 mount cannot stat the
+    peer's cgroup directory to compare with the pidfd's cgroup id; it warns
+    once and judges by the path read under the pidfd, as on kernels without
+    PIDFD_GET_INFO, rather than locking out every `units` rule."""
+    import signal
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare (util-linux)")
+    mount = syscgroup.cgroup2_mount()
+    assert mount is not None
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'umount -l "{mount[0]}" && exec "$@"', "sh"]
+    b = start_broker_with(short_tmp, hide, "--config", _config(short_tmp, 'units = ["camera.service"]'), name="nocg2")
+    camera = Peer(cgroups, "camera.service", b.socket, "nocg2")
+    plugin = Peer(cgroups, "plugin.service", b.socket, "nocg2")
+    try:
+        assert camera.say()["ok"]
+        refused = plugin.say()
+        assert not refused["ok"] and "unit plugin.service" in refused["error"], refused
+        assert "cgroup2 is not mounted here" in b.log.read_text()
+    finally:
+        camera.close()
+        plugin.close()
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(10) == 0
 
 
 def test_the_pidfd_cgroup_id_is_the_cgroup_directory_inode(cgroups: CgroupTree) -> None:

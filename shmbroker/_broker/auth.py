@@ -29,7 +29,7 @@ import socket
 from collections.abc import Callable
 
 from .._sys import peercred, pidfd
-from .inspector import ExeInspector, InspectorError, Inspection, inspect
+from .inspector import ExeInspector, InspectorError, Inspection, cgroup2_mount, inspect
 from .policy import Identity
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,12 @@ def _cgroup_identity(probe_id: int | None, stat: Inspection, pid: int) -> tuple[
     Where the pidfd gave an id, the path read from /proc must lead to the
     directory with that inode; a peer moved between the two reads is
     refused (it may try again), never admitted by the cgroup it left.  A
-    path whose directory could not be checked then counts as unknown."""
+    path whose directory could not be checked then counts as unknown,
+    unless no cgroup2 is mounted where the broker runs: then there is
+    nothing to check against, and the path read under the pidfd is taken
+    as on kernels without PIDFD_GET_INFO (the read itself is race-free;
+    the id only catches a move during verification, which the close
+    re-check catches as well)."""
     cgroup = stat.cgroup
     if cgroup is not None and (not cgroup.startswith("/") or cgroup.startswith("/..")):
         # Above the root of our cgroup namespace: no rule can name it.
@@ -230,6 +235,8 @@ def _cgroup_identity(probe_id: int | None, stat: Inspection, pid: int) -> tuple[
     if probe_id is None or cgroup is None:
         return cgroup, probe_id
     if stat.cgroup_ino is None:
+        if cgroup2_mount() is None:
+            return cgroup, probe_id
         log.info("cgroup %s of pid %d cannot be checked against its cgroup id %d; counted as unknown", cgroup, pid, probe_id)
         return None, probe_id
     if stat.cgroup_ino != probe_id:

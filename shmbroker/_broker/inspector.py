@@ -85,7 +85,10 @@ def cgroup2_mount() -> tuple[str, str] | None:
         except OSError:
             _mount_cache.append(None)
         if _mount_cache[0] is None:
-            log.info("no cgroup2 mount: peers' cgroup directories cannot be checked against their cgroup id")
+            log.warning(
+                "cgroup2 is not mounted here: peers' cgroups are read from /proc/PID/cgroup alone, "
+                "without the check of the path against the cgroup id of their pidfd"
+            )
     return _mount_cache[0]
 
 

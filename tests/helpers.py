@@ -145,6 +145,61 @@ def run_in_child(fn: Callable[[], Any], *, uid: int | None = None, gid: int | No
     return result[1]
 
 
+def fork_broker(args: list[str], log: Path, *, become: Callable[[], None], started: Callable[[], bool]) -> int:
+    """`shmbroker ARGS` in a forked child that first runs ``become`` (drop to
+    another uid, set its environment), its stderr in ``log``; returns its pid
+    once ``started()`` says so.
+
+    Forked, not exec'ed: the interpreter under /root is out of reach of
+    other uids, and the fork keeps every module already imported."""
+    import signal
+    import sys
+
+    import pytest
+
+    from shmbroker import cli
+
+    logfd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o644)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(logfd, 2)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # not pytest's capture
+            become()
+            code = cli.main(args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(logfd)
+    deadline = time.monotonic() + 15
+    while not started():
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            pytest.fail(f"broker did not start:\n{log.read_text()}")
+        time.sleep(0.02)
+    return pid
+
+
+def stop_forked(pid: int) -> None:
+    """SIGTERM a forked broker and reap it; SIGKILL after 10 s."""
+    import signal
+
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def mapping_permissions(address: int) -> str:
     """The rwxp/s column of our own /proc/self/maps line that starts at ``address``."""
     with open("/proc/self/maps") as f:

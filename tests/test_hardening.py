@@ -5,17 +5,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
-import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import NOBODY, run_in_child
-from shmbroker import cli, hardening
+from helpers import NOBODY, fork_broker, run_in_child, stop_forked as _stop
+from shmbroker import hardening
 # Everything `serve` imports lazily, loaded now: the forked broker runs as
 # nobody, who cannot read the interpreter's stdlib under /root.
 import shmbroker._broker.driver  # noqa: F401,E402
@@ -63,53 +60,26 @@ def test_disable_env_turns_hardening_off_with_a_warning(broker_factory: Any) -> 
 
 
 def _forked_broker(tmp: Path, *, disable: bool) -> tuple[int, Path]:
-    """A broker running as nobody, forked from this already-imported interpreter
-    (the interpreter under /root is not reachable by nobody)."""
+    """A broker running as nobody, forked from this already-imported interpreter."""
     home = tmp / ("nb-off" if disable else "nb")
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)
     sock = home / "run" / "broker.sock"
     log = tmp / (home.name + ".log")
-    logfd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o644)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(logfd, 2)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            # setuid() alone makes a process non-dumpable; undo that so the
-            # test measures what harden_process() does, not the uid change.
-            sysprctl.prctl(sysprctl.PR_SET_DUMPABLE, 1)
-            if disable:
-                os.environ[hardening.DISABLE_ENV] = "1"
-            else:
-                os.environ.pop(hardening.DISABLE_ENV, None)
-            code = cli.main(["serve", "--socket", str(sock)])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(logfd)
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done or time.monotonic() > deadline:
-            pytest.fail(f"broker as nobody did not start:\n{log.read_text()}")
-        time.sleep(0.02)
-    return pid, log
 
+    def become() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        # setuid() alone makes a process non-dumpable; undo that so the
+        # test measures what harden_process() does, not the uid change.
+        sysprctl.prctl(sysprctl.PR_SET_DUMPABLE, 1)
+        if disable:
+            os.environ[hardening.DISABLE_ENV] = "1"
+        else:
+            os.environ.pop(hardening.DISABLE_ENV, None)
 
-def _stop(pid: int) -> None:
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(500):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    return fork_broker(["serve", "--socket", str(sock)], log, become=become, started=sock.exists), log
 
 
 def _seize_errno(pid: int) -> int:

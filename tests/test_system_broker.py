@@ -5,9 +5,6 @@ and root and an operator group may inspect it.  Real brokers, real uids."""
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +13,8 @@ from typing import Any
 import pytest
 
 from adversary import write_config
-from helpers import NOBODY, ChildError
-from shmbroker import ShmClient, cli
+from helpers import NOBODY, ChildError, fork_broker, stop_forked as _stop
+from shmbroker import ShmClient
 from shmbroker._paths import SYSTEM_SOCKET
 from shmbroker._sys import prctl as sysprctl
 
@@ -65,54 +62,24 @@ def as_user(fn: Callable[[], Any], uid: int, groups: list[int], env: dict[str, s
 
 
 def _fork_broker(socket: str, config: str, log: Path, *, uid: int | None, groups: list[int]) -> int:
-    """`shmbroker serve` in a forked child (the interpreter under /root is out
-    of reach for other uids, so no exec)."""
-    logfd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o644)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(logfd, 2)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # not pytest's capture
-            if uid is not None:
-                # As systemd's User= with AmbientCapabilities=CAP_SYS_PTRACE:
-                # keep the capabilities across setuid; harden_process then
-                # cuts them to CAP_SYS_PTRACE, which verifying peers of other
-                # uids needs.
-                sysprctl.prctl(PR_SET_KEEPCAPS, 1)
-                os.setgroups(groups)
-                os.setgid(uid)
-                os.setuid(uid)
-                _, permitted, _ = sysprctl.get_caps()
-                sysprctl.set_caps(permitted, permitted, 0)  # effective, as ambient capabilities are
-            code = cli.main(["serve", "--socket", socket, "--config", config, "-v"])
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(logfd)
-    deadline = time.monotonic() + 15
-    while "listening on" not in log.read_text():
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done or time.monotonic() > deadline:
-            if not done:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            pytest.fail(f"broker did not start:\n{log.read_text()}")
-        time.sleep(0.02)
-    return pid
+    """`shmbroker serve` as ``uid`` in a forked child."""
+    def become() -> None:
+        if uid is not None:
+            # As systemd's User= with AmbientCapabilities=CAP_SYS_PTRACE:
+            # keep the capabilities across setuid; harden_process then
+            # cuts them to CAP_SYS_PTRACE, which verifying peers of other
+            # uids needs.
+            sysprctl.prctl(PR_SET_KEEPCAPS, 1)
+            os.setgroups(groups)
+            os.setgid(uid)
+            os.setuid(uid)
+            _, permitted, _ = sysprctl.get_caps()
+            sysprctl.set_caps(permitted, permitted, 0)  # effective, as ambient capabilities are
 
-
-def _stop(pid: int) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    return fork_broker(
+        ["serve", "--socket", socket, "--config", config, "-v"], log,
+        become=become, started=lambda: "listening on" in log.read_text(),
+    )
 
 
 @pytest.fixture

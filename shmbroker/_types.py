@@ -38,6 +38,11 @@ class StatusPeer(TypedDict):
     uid: int
     gid: int
     exe: str  # /proc/PID/exe at verification, for humans; decisions use its inode
+    # Its systemd unit and cgroup v2 path (/proc/PID/cgroup as the broker
+    # sees it) and LSM label (SO_PEERSEC) at verification; None if unknown.
+    unit: str | None
+    cgroup: str | None
+    label: str | None
     role: Role
     generation: int | None  # the segment it maps
     revoked: bool  # still attached to a segment the broker revoked

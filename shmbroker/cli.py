@@ -240,7 +240,9 @@ def _print_status(status: Status) -> None:
         kind = "raw" if not ch.get("ring") else "ring" if max_message is None else f"ring, messages up to {_fmt_size(max_message)}"
         print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  {kind}  ({state})")
         for peer in ch["peers"]:
-            print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}")
+            unit, label = peer.get("unit"), peer.get("label")
+            extra = (f"  unit {unit}" if unit else "") + (f"  label {label}" if label is not None else "")
+            print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}{extra}")
     counters = status["counters"]
     print("counters: " + (", ".join(f"{k}={v}" for k, v in counters.items()) or "none"))
     events = status["security_events"]

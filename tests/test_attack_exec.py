@@ -316,8 +316,8 @@ def test_connector_that_execs_an_allowed_binary_while_its_child_keeps_the_socket
     finally:
         os.kill(exe_broker.pid, signal.SIGCONT)
     try:
-        wait_until(result.exists, timeout=15, what="the child's result")
-        outcome = result.read_text()
+        # open(..., "w") creates the file before the verdict is written in it.
+        outcome = wait_until(lambda: result.exists() and result.read_text(), timeout=15, what="the child's result")
     finally:
         proc.kill()
         proc.wait()

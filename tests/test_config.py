@@ -240,7 +240,7 @@ def test_check_config_exits_2_with_every_error_and_no_traceback(tmp_path: Path) 
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
         f"{path}: broker.socket: must be an absolute path",
-        f"{path}: rules[0].bogus: unknown key (known: channels, create, executables, gids, roles, uids)",
+        f"{path}: rules[0].bogus: unknown key (known: cgroups, channels, create, executables, gids, labels, roles, uids, units)",
         f"{path}: rules[0].uids: no such user: 'no-such-user-xyz'",
         f"{path}: 3 errors; `shmbroker serve` would refuse to start with this file",
     ]
@@ -254,3 +254,14 @@ def test_serve_logs_config_warnings(tmp_path: Path, broker_factory: Any) -> None
     path = write(tmp_path, f"[status]\nuids = [0]\n[[rules]]\nuids = [0]\nexecutables = ['{script}']\n")
     broker = broker_factory("--config", path)
     assert f"rules[0].executables: {script} is a script" in broker.log.read_text()
+
+
+def test_a_refusal_names_each_allowed_principal_once() -> None:
+    """Two rules for one uid (one per channel) used to list it twice."""
+    from shmbroker._broker.policy import Policy, Principals, Rule
+
+    alice = Principals(uids=frozenset({1000}))
+    policy = Policy(rules=(Rule(alice, None, ("a",)), Rule(alice, None, ("b",))), status=Principals())
+    with pytest.raises(PermissionDenied) as exc:
+        policy.check_connect(1001, 1001, ())
+    assert str(exc.value).count("allowed uids: 1000") == 1, exc.value

@@ -47,6 +47,7 @@ ITEMS = [
     "confinement_report",
     "operator_group_may_query_status",
     "other_uid_refused_and_recorded",
+    "units_tell_same_interpreter_services_apart",
     "journal_structured_fields",
     "usr1_wipes",
     "watchdog_restart",

@@ -6,10 +6,15 @@ Order matters (systemd's pidref_verify() follows the same shape):
 2. SO_PEERPIDFD pins the process that connected, so a recycled pid cannot
    stand in for it.  Older kernels fall back to pidfd_open(pid), which is
    racy, and we log that downgrade.
-3. stat("/proc/PID/exe") gives the executable's (st_dev, st_ino).
-4. The pidfd is consulted *after* the stat: if it still names PID, the stat
-   described the process that connected; if it says -1, that process died
-   and the pid (and so the stat) may belong to someone else.
+   The LSM label comes from SO_PEERSEC (frozen at connect, like
+   SO_PEERCRED), and on kernels with PIDFD_GET_INFO (6.13+) the id of the
+   cgroup the pinned process is in, from the pidfd itself.
+3. stat("/proc/PID/exe") gives the executable's (st_dev, st_ino);
+   /proc/PID/cgroup its cgroup v2 path, whose directory's inode must be
+   that cgroup id (a peer moved in between is refused, not guessed at).
+4. The pidfd is consulted *after* the /proc reads: if it still names PID,
+   they described the process that connected; if it says -1, that process
+   died and the pid (and so what /proc said) may belong to someone else.
 
 Any failure anywhere raises :class:`AuthError`; the caller turns every
 exception, expected or not, into a rejection.
@@ -23,8 +28,8 @@ import os
 import socket
 from collections.abc import Callable
 
-from .._sys import peercred, pidfd, statx
-from .inspector import ExeInspector, InspectorError
+from .._sys import peercred, pidfd
+from .inspector import ExeInspector, InspectorError, Inspection, cgroup2_mount, inspect
 from .policy import Identity
 
 log = logging.getLogger(__name__)
@@ -37,12 +42,12 @@ log = logging.getLogger(__name__)
 # variable reaches it, and the broker logs a warning at start if it is set.
 after_credentials_hook: Callable[[int], None] | None = None
 
-# (st_dev, st_ino, path) of /proc/PID/exe.
-StatExe = Callable[[int], tuple[int, int, str]]
-# The same stat as a value: the tuple, or the OSError it failed with.  Lets
+# What /proc says of a pid: its executable and cgroup.
+StatExe = Callable[[int], Inspection]
+# The same as a value: the inspection, or the OSError it failed with.  Lets
 # the broker ask the exe inspector and go on serving others while it
 # answers (driver.py).
-StatResult = tuple[int, int, str] | OSError
+StatResult = Inspection | OSError
 
 
 class AuthError(Exception):
@@ -75,12 +80,11 @@ class Verifier:
     def __init__(self, inspector: ExeInspector | None = None) -> None:
         self.inspector = inspector
 
-    def stat_exe(self, pid: int) -> tuple[int, int, str]:
-        """(st_dev, st_ino, path) of /proc/PID/exe, from here or from the inspector."""
+    def stat_exe(self, pid: int) -> Inspection:
+        """What /proc says of pid (its exe and cgroup), from here or from the inspector."""
         if self.inspector is not None:
             return self.inspector.exe(pid)
-        dev, ino = statx.identity(f"/proc/{pid}/exe")  # never waits on a FUSE server (see _sys/statx.py)
-        return dev, ino, _exe_path(pid)
+        return inspect(pid)
 
     def verify(self, sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> VerifiedPeer:
         return verify_peer(sock, credentials, stat_exe=self.stat_exe)
@@ -103,7 +107,7 @@ def _exe_identity(pid: int, stat: StatResult) -> tuple[tuple[int, int], str]:
     try:
         if isinstance(stat, OSError):
             raise stat
-        dev, ino, path = stat
+        dev, ino, path = stat.dev, stat.ino, stat.path
     except InspectorError as exc:
         raise AuthError(f"peer pid {pid} cannot be verified: {exc.strerror}") from None
     except (PermissionError, OSError) as exc:
@@ -135,23 +139,21 @@ def _leader_exited(pid: int) -> bool:
         return False
 
 
-def _exe_path(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return "?"
-
-
 class Probe:
     """A peer being verified: its credentials read and its process pinned by
     a pidfd, the stat of its executable still to come."""
 
-    __slots__ = ("pid", "uid", "gid", "groups", "pidfd", "source")
+    __slots__ = ("pid", "uid", "gid", "groups", "pidfd", "source", "cgroup_id", "label")
 
-    def __init__(self, pid: int, uid: int, gid: int, groups: tuple[int, ...], pidfd_fd: int, source: str) -> None:
+    def __init__(
+        self, pid: int, uid: int, gid: int, groups: tuple[int, ...], pidfd_fd: int, source: str,
+        cgroup_id: int | None = None, label: str | None = None,
+    ) -> None:
         self.pid, self.uid, self.gid, self.groups = pid, uid, gid, groups
         self.pidfd = pidfd_fd
         self.source = source
+        self.cgroup_id = cgroup_id  # from the pidfd, before /proc is read
+        self.label = label
 
     def abandon(self) -> None:
         if self.pidfd >= 0:
@@ -181,12 +183,68 @@ def begin_verify(sock: socket.socket, credentials: tuple[int, int, int] | None =
         source = "pidfd_open"
     try:
         groups = peercred.peer_groups(sock)
+        label = peer_label(sock)
+        cgroup_id = _pidfd_cgroup(pfd, pid)
         if after_credentials_hook is not None:
             after_credentials_hook(pid)
     except BaseException:
         os.close(pfd)
         raise
-    return Probe(pid, uid, gid, groups, pfd, source)
+    return Probe(pid, uid, gid, groups, pfd, source, cgroup_id, label)
+
+
+def peer_label(sock: socket.socket) -> str | None:
+    """The peer's LSM label (SO_PEERSEC), or None without an LSM that labels
+    sockets; None matches no `labels` pattern, so failing here fails closed."""
+    try:
+        raw = peercred.peer_security(sock)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            log.warning("SO_PEERSEC failed (%s); the peer counts as unlabelled", exc.strerror)
+        return None
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _pidfd_cgroup(pfd: int, pid: int) -> int | None:
+    """The pinned peer's cgroup id, or None where the kernel cannot say."""
+    try:
+        return pidfd.cgroup_id(pfd)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
+        log.warning("PIDFD_GET_INFO failed for pid %d (%s); its cgroup is checked by path alone", pid, exc.strerror)
+        return None
+
+
+def _cgroup_identity(probe_id: int | None, stat: Inspection, pid: int) -> tuple[str | None, int | None]:
+    """The peer's (cgroup path, cgroup id) for its identity.
+
+    Where the pidfd gave an id, the path read from /proc must lead to the
+    directory with that inode; a peer moved between the two reads is
+    refused (it may try again), never admitted by the cgroup it left.  A
+    path whose directory could not be checked then counts as unknown,
+    unless no cgroup2 is mounted where the broker runs: then there is
+    nothing to check against, and the path read under the pidfd is taken
+    as on kernels without PIDFD_GET_INFO (the read itself is race-free;
+    the id only catches a move during verification, which the close
+    re-check catches as well)."""
+    cgroup = stat.cgroup
+    if cgroup is not None and (not cgroup.startswith("/") or cgroup.startswith("/..")):
+        # Above the root of our cgroup namespace: no rule can name it.
+        return None, probe_id
+    if probe_id is None or cgroup is None:
+        return cgroup, probe_id
+    if stat.cgroup_ino is None:
+        if cgroup2_mount() is None:
+            return cgroup, probe_id
+        log.info("cgroup %s of pid %d cannot be checked against its cgroup id %d; counted as unknown", cgroup, pid, probe_id)
+        return None, probe_id
+    if stat.cgroup_ino != probe_id:
+        raise AuthError(
+            f"peer pid {pid} moved to another cgroup while it was being verified "
+            f"(cgroup id {probe_id} before, {cgroup} with id {stat.cgroup_ino} after); connect again"
+        )
+    return cgroup, probe_id
 
 
 def finish_verify(probe: Probe, stat: StatResult) -> VerifiedPeer:
@@ -198,10 +256,16 @@ def finish_verify(probe: Probe, stat: StatResult) -> VerifiedPeer:
         # (one check after the stat covers a peer that was already gone too).
         if pidfd.pidfd_pid(probe.pidfd) != pid:
             raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)")
+        # (_exe_identity raised for an OSError; should it ever not, the
+        # cgroup is unknown, which no `units` or `cgroups` pattern matches.)
+        cgroup, cgroup_id = (None, None) if isinstance(stat, OSError) else _cgroup_identity(probe.cgroup_id, stat, pid)
     except BaseException:
         probe.abandon()
         raise
-    peer = VerifiedPeer(Identity(pid, probe.uid, probe.gid, probe.groups, exe, exe_path), probe.pidfd, probe.source)
+    identity = Identity(
+        pid, probe.uid, probe.gid, probe.groups, exe, exe_path, cgroup=cgroup, cgroup_id=cgroup_id, label=probe.label,
+    )
+    peer = VerifiedPeer(identity, probe.pidfd, probe.source)
     probe.pidfd = -1  # the peer owns it now
     return peer
 
@@ -234,9 +298,9 @@ def still_verified(peer: VerifiedPeer, stat: StatResult) -> bool:
     stat that failed, or a process that exited, is a no (fail closed)."""
     if peer.pidfd < 0 or isinstance(stat, OSError):
         return False
-    dev, ino, _ = stat
-    # The pidfd after the stat, as in finish_verify: the stat then described the admitted process.
-    return (dev, ino) == peer.identity.exe and pidfd.pidfd_pid(peer.pidfd) == peer.identity.pid
+    # recheck_result compares the executable and the cgroup, but also says
+    # None for a process that exited: the pidfd after it tells the two apart.
+    return recheck_result(peer, stat) is None and pidfd.pidfd_pid(peer.pidfd) == peer.identity.pid
 
 
 def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
@@ -258,13 +322,25 @@ def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
             # longer verify (fail closed).
             return _LEADER_EXITED.format(pid=pid) if _leader_exited(pid) else None
         return f"executable of pid {pid} can no longer be verified ({stat.strerror})"
-    dev, ino, now_path = stat
-    now = (dev, ino)
+    now = (stat.dev, stat.ino)
+    try:
+        now_id = pidfd.cgroup_id(peer.pidfd) if peer.identity.cgroup_id is not None else None
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            return f"cgroup of pid {pid} can no longer be verified (PIDFD_GET_INFO: {exc.strerror})"
+        now_id = None  # exited: the pidfd check below says so
     if pidfd.pidfd_pid(peer.pidfd) != pid:
         return None
-    if now != peer.identity.exe:
+    identity = peer.identity
+    if now != identity.exe:
         return (
-            f"pid {pid} now runs {now_path} (dev {now[0]}, inode {now[1]}), "
-            f"not {peer.identity.exe_path} it was admitted with"
+            f"pid {pid} now runs {stat.path} (dev {now[0]}, inode {now[1]}), "
+            f"not {identity.exe_path} it was admitted with"
         )
+    # A peer moved to another cgroup while connected may now be in one no
+    # rule admits: as for an exec, what it held is revoked.
+    if identity.cgroup is not None and stat.cgroup != identity.cgroup:
+        return f"pid {pid} is now in cgroup {stat.cgroup or 'unknown'}, not {identity.cgroup} it was admitted in"
+    if identity.cgroup_id is not None and now_id is not None and now_id != identity.cgroup_id:
+        return f"pid {pid} is now in cgroup id {now_id}, not {identity.cgroup_id} it was admitted in ({identity.cgroup})"
     return None

@@ -18,6 +18,7 @@ import grp
 import os
 import pwd
 import re
+import socket
 import stat
 import sys
 import tomllib
@@ -25,11 +26,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .. import _trust
+from .._sys import cgroup as syscgroup
+from .._sys import peercred
 from ..errors import ConfigError
 from ..limits import DEFAULT_LIMITS, Limits
 from .._wire.messages import valid_channel_name
 from .._ring.layout import resolve_max_message
-from .policy import ROLES, Executables, Policy, Principals, Rule, default_policy
+from .policy import ROLES, UNIT_SUFFIXES, Executables, Policy, Principals, Rule, default_policy, is_unit_name
 
 # posix: leased shm_open object (detects openers); memfd: sealed (stops
 # truncation).  The trade-off is in docs/attacks.md (A6).
@@ -185,7 +188,8 @@ SECTIONS = ("broker", "status", "limits", "channels", "rules")
 _BROKER_KEYS = ("socket", "socket_group", "user", "operator_group")
 _STATUS_KEYS = ("uids", "gids")
 _CHANNEL_KEYS = ("size", "backend", "wipe_when", "ring", "max_message")
-_RULE_KEYS = ("uids", "gids", "executables", "channels", "roles", "create")
+_RULE_KEYS = ("uids", "gids", "executables", "units", "cgroups", "labels", "channels", "roles", "create")
+_GLOB = re.compile(r"[*?\[]")
 ELF_MAGIC = b"\x7fELF"
 
 _T = TypeVar("_T")
@@ -222,6 +226,52 @@ class _RuleDraft:
     channels: tuple[str, ...]
     roles: frozenset[str]
     create: bool
+    units: tuple[str, ...] | None = None
+    cgroups: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | None = None
+
+
+def labels_unavailable() -> str | None:
+    """Why no peer can have an LSM label here, or None if SO_PEERSEC answers.
+
+    Asked of a socketpair of our own: where no LSM labels sockets, SO_PEERSEC
+    fails with ENOPROTOOPT for every peer, and a `labels` key would match
+    nobody; that is refused at load rather than discovered as a locked-out
+    service."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        peercred.peer_security(a)
+        return None
+    except OSError as exc:
+        lsms = syscgroup.active_lsms()
+        active = f"active LSMs: {','.join(lsms)}" if lsms is not None else f"{syscgroup.LSM_LIST} is not readable"
+        return (
+            f"no LSM labels sockets on this system (SO_PEERSEC: {exc.strerror}; {active}), so no peer has a "
+            "label and this rule could never match; enable SELinux, AppArmor or Smack, or tell peers apart "
+            "by 'units', 'cgroups' or 'uids'"
+        )
+    finally:
+        a.close()
+        b.close()
+
+
+def cgroups_unavailable(own_cgroup: str = "/proc/self/cgroup") -> str | None:
+    """Why no peer can have a cgroup v2 path here, or None if we have one.
+
+    A process's cgroup v2 path is the ``0::`` line of /proc/PID/cgroup; on a
+    cgroup v1-only system no process has one, so `units` and `cgroups`
+    would match nobody: refused at load, like `labels` without an LSM."""
+    try:
+        with open(own_cgroup, encoding="utf-8", errors="surrogateescape") as f:
+            if any(line.startswith("0::") for line in f):
+                return None
+    except OSError as exc:
+        return f"{own_cgroup} cannot be read ({exc.strerror}), so no peer's cgroup can be known"
+    return (
+        "this system has no cgroup v2 hierarchy (no '0::' line in /proc/self/cgroup), so no peer has a "
+        "cgroup path or unit and this rule could never match; boot with the unified or hybrid cgroup "
+        "hierarchy, or tell peers apart by 'uids'"
+    )
 
 
 class _Parser:
@@ -229,6 +279,8 @@ class _Parser:
         self.path = path
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self._no_labels: str | None | bool = False  # not asked yet
+        self._no_cgroups: str | None | bool = False
 
     def fail(self, key: str, reason: str) -> _Invalid:
         return _Invalid(key, reason)
@@ -404,9 +456,72 @@ class _Parser:
         create = body.get("create", False)
         if not isinstance(create, bool):
             self.report(f"{key}.create", "must be true or false")
+        units = cgroups = labels = None
+        if "units" in body:
+            units = self.check(lambda: self.units(body["units"], f"{key}.units"), None)
+        if "cgroups" in body:
+            cgroups = self.check(lambda: self.cgroups(body["cgroups"], f"{key}.cgroups"), None)
+        if "labels" in body:
+            labels = self.check(lambda: self.labels(body["labels"], f"{key}.labels"), None)
         if len(self.problems) > before or principals is None:
             return None
-        return _RuleDraft(principals, executables, channels, roles, create)
+        return _RuleDraft(principals, executables, channels, roles, create, units, cgroups, labels)
+
+    def patterns(self, value: Any, key: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
+        """A non-empty array of strings, each checked; every bad one is reported."""
+        items = self.strings(value, key)
+        if not items:
+            raise self.fail(key, "must not be empty (leave the key out to allow any)")
+        bad = 0
+        for item in items:
+            problem = check(item)
+            if problem is not None:
+                self.report(key, f"{item!r} {problem}")
+                bad += 1
+        if bad:
+            raise _Reported
+        return tuple(items)
+
+    def need_cgroups(self, key: str) -> None:
+        if self._no_cgroups is False:
+            self._no_cgroups = cgroups_unavailable()
+        if isinstance(self._no_cgroups, str):
+            raise self.fail(key, self._no_cgroups)
+
+    def units(self, value: Any, key: str) -> tuple[str, ...]:
+        def check(name: str) -> str | None:
+            if "/" in name:
+                return "is a cgroup path, not a unit name; put paths in 'cgroups'"
+            suffix = name.rpartition(".")[2]
+            if suffix == "slice":
+                return ("is a slice: a slice holds units and is never a process's unit; name its cgroups "
+                        "instead, e.g. cgroups = [\"/" + name + "/*\"]")
+            if not _GLOB.search(name) and not is_unit_name(name):
+                return f"is not a systemd unit name (NAME.TYPE, TYPE one of {', '.join(sorted(UNIT_SUFFIXES - {'slice'}))})"
+            return None
+        units = self.patterns(value, key, check)
+        self.need_cgroups(key)
+        return units
+
+    def cgroups(self, value: Any, key: str) -> tuple[str, ...]:
+        def check(path: str) -> str | None:
+            if not path.startswith("/"):
+                return "must be an absolute cgroup path as /proc/PID/cgroup shows it, e.g. \"/system.slice/camera.service\""
+            parts = path.split("/")[1:]
+            if path != "/" and any(p in ("", ".", "..") for p in parts):
+                return "must not contain empty, '.' or '..' components"
+            return None
+        paths = self.patterns(value, key, check)
+        self.need_cgroups(key)
+        return paths
+
+    def labels(self, value: Any, key: str) -> tuple[str, ...]:
+        items = self.patterns(value, key, lambda label: None)
+        if self._no_labels is False:
+            self._no_labels = labels_unavailable()
+        if isinstance(self._no_labels, str):
+            raise self.fail(key, self._no_labels)
+        return items
 
     def executables(self, value: Any, key: str) -> list[str]:
         paths = self.strings(value, key)
@@ -469,7 +584,10 @@ class _Parser:
                         executables = Executables.from_paths(d.executables)
                     except OSError as exc:  # replaced or removed since it was checked
                         raise ConfigError(f"{self.path}: rules[{i}].executables: {exc.filename}: {exc.strerror}") from None
-                rules.append(Rule(d.principals, executables, d.channels, d.roles, d.create))
+                rules.append(Rule(
+                    d.principals, executables, d.channels, d.roles, d.create,
+                    units=d.units, cgroups=d.cgroups, labels=d.labels,
+                ))
         except BaseException:
             for rule in rules:
                 if rule.executables is not None:

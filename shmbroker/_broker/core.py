@@ -909,6 +909,11 @@ class BrokerCore:
                     "uid": s.identity.uid,
                     "gid": s.identity.gid,
                     "exe": s.identity.exe_path,
+                    # Verified at accept like the exe (docs/security.md says
+                    # how far each can be trusted).
+                    "unit": s.identity.unit,
+                    "cgroup": s.identity.cgroup,
+                    "label": s.identity.label,
                     "role": s.role,
                     "generation": s.segment.generation if s.segment else None,
                     "revoked": s in channel.revoked_members,

@@ -517,7 +517,10 @@ class Broker:
         self._by_member[member] = session
         self._apply(evicted)
         identity = member.identity
-        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
+        log.debug(
+            "accepted pid %d uid %d exe %s cgroup %s label %s (%s)",
+            identity.pid, identity.uid, identity.exe_path, identity.cgroup, identity.label, peer.pidfd_source,
+        )
         # Its hello and first request are usually waiting already: read them
         # now rather than after another turn of the loop.
         self._read(session)

@@ -5,6 +5,12 @@ connect) are the security boundary.  The executable match is defence in
 depth: for Python peers /proc/PID/exe is the interpreter, and any same-uid
 process can ptrace another one anyway.  Executables are compared by
 (st_dev, st_ino), never by path string.
+
+The cgroup (and the systemd unit it names) and the LSM label tell apart
+peers that share a uid and an interpreter.  How far each can be trusted is
+in docs/security.md ("What the unit, cgroup and label keys are worth"): a
+cgroup only as far as the peer cannot write the cgroup.procs of the one it
+wants to be in, a label as far as the LSM's policy confines the peer.
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ class Identity:
     groups: tuple[int, ...]
     exe: tuple[int, int]  # (st_dev, st_ino) of /proc/PID/exe
     exe_path: str  # for humans only; never used for a decision
+    # The cgroup v2 path as the broker reads /proc/PID/cgroup, or None when
+    # it could not be established (no cgroup2, outside the broker's cgroup
+    # namespace): rules with `units` or `cgroups` never match None.
+    cgroup: str | None = None
+    # From PIDFD_GET_INFO, where the kernel has it (6.13+): the cgroup's id,
+    # which the inode of the cgroup directory read above was checked against.
+    cgroup_id: int | None = None
+    # SO_PEERSEC as recorded at connect(); None without an LSM that labels sockets.
+    label: str | None = None
+
+    @property
+    def unit(self) -> str | None:
+        return unit_of(self.cgroup)
 
     @property
     def all_gids(self) -> frozenset[int]:
@@ -49,6 +68,37 @@ class Principals:
         uids = ", ".join(map(str, sorted(self.uids))) or "none"
         gids = ", ".join(map(str, sorted(self.gids))) or "none"
         return f"allowed uids: {uids}; gids: {gids}"
+
+
+# systemd.unit(5): the unit types; a cgroup directory named like one of
+# these (other than a slice) is that unit's cgroup.
+UNIT_SUFFIXES = frozenset({
+    "service", "socket", "device", "mount", "automount", "swap", "target", "path", "timer", "slice", "scope",
+})
+
+
+def is_unit_name(name: str) -> bool:
+    stem, dot, suffix = name.rpartition(".")
+    return bool(dot and stem and suffix in UNIT_SUFFIXES and not stem.startswith("@"))
+
+
+def unit_of(cgroup: str | None) -> str | None:
+    """The systemd unit a cgroup v2 path belongs to, as systemd's
+    cg_path_get_unit() finds it: the first component after the leading
+    slices, if it is a unit name.
+
+    "/system.slice/camera.service/worker" -> "camera.service";
+    "/user.slice/user-1000.slice/user@1000.service/app.slice/x.service" ->
+    "user@1000.service" (the user's manager: what runs inside it is the
+    user's to arrange, so only `cgroups` can name it, see docs/security.md).
+    """
+    if cgroup is None:
+        return None
+    for part in cgroup.strip("/").split("/"):
+        if part.endswith(".slice") and is_unit_name(part):
+            continue
+        return part if is_unit_name(part) else None
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +135,13 @@ class Executables:
         return identity.exe in self.ids
 
 
+def _any_glob(value: str | None, patterns: tuple[str, ...] | None) -> bool:
+    """None patterns: the key is absent, anything goes; an unknown value matches no pattern."""
+    if patterns is None:
+        return True
+    return value is not None and any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     principals: Principals
@@ -92,11 +149,32 @@ class Rule:
     channels: tuple[str, ...] = ("*",)  # fnmatch patterns
     roles: frozenset[str] = ROLES
     create: bool = False  # producers may create matching channels on demand
+    # fnmatch patterns; None: the key is absent, any unit/cgroup/label will do.
+    units: tuple[str, ...] | None = None
+    cgroups: tuple[str, ...] | None = None
+    labels: tuple[str, ...] | None = None
 
     def matches_peer(self, identity: Identity) -> bool:
-        return self.principals.matches(identity) and (
-            self.executables is None or self.executables.matches(identity)
-        )
+        return self.principals.matches(identity) and self.mismatch(identity) is None
+
+    def mismatch(self, identity: Identity) -> str | None:
+        """Which key beyond uids/gids this peer fails ("executables", "units",
+        "cgroups", "labels"), or None when it passes them all."""
+        if self.executables is not None and not self.executables.matches(identity):
+            return "executables"
+        if not _any_glob(identity.unit, self.units):
+            return "units"
+        if not _any_glob(identity.cgroup, self.cgroups):
+            return "cgroups"
+        if not _any_glob(identity.label, self.labels):
+            return "labels"
+        return None
+
+    def allowed(self, key: str) -> list[str]:
+        """What the rule allows for ``key``, for refusal messages."""
+        if key == "executables":
+            return list(self.executables.paths) if self.executables else []
+        return list(getattr(self, key) or ())
 
     def covers(self, channel: str, role: str) -> bool:
         return role in self.roles and any(fnmatch.fnmatchcase(channel, p) for p in self.channels)
@@ -118,7 +196,8 @@ class Policy:
         raise PermissionDenied(self._uid_refusal(identity))
 
     def _uid_refusal(self, identity: Identity) -> str:
-        allowed = "; ".join(r.principals.describe() for r in self.rules) or "no rules"
+        # Once each: several rules for one uid (by channel) would repeat it.
+        allowed = "; ".join(dict.fromkeys(r.principals.describe() for r in self.rules)) or "no rules"
         return (
             f"permission denied: uid {identity.uid} (gid {identity.gid}) is not allowed "
             f"to use this broker ({allowed})"
@@ -128,13 +207,11 @@ class Policy:
         """Called at accept: refuse a peer that no rule could ever allow."""
         if self.status.matches(identity) or any(r.matches_peer(identity) for r in self.rules):
             return
-        if not any(r.principals.matches(identity) for r in self.rules):
+        mine = [r for r in self.rules if r.principals.matches(identity)]
+        if not mine:
             raise PermissionDenied(self._uid_refusal(identity))
-        allowed_exes = sorted({p for r in self.rules if r.executables for p in r.executables.paths})
-        raise PermissionDenied(
-            f"permission denied: executable {identity.exe_path} of pid {identity.pid} is not "
-            f"allowed (allowed executables: {', '.join(allowed_exes)})"
-        )
+        what, allowed = _refusal(identity, mine)
+        raise PermissionDenied(f"permission denied: {what} of pid {identity.pid} is not allowed ({allowed})")
 
     def authorize_attach(self, identity: Identity, channel: str, role: str) -> Rule:
         """The first rule allowing this attach; raises PermissionDenied with the reason."""
@@ -143,14 +220,12 @@ class Policy:
             if rule.covers(channel, role):
                 return rule
         covering = [r for r in self.rules if r.covers(channel, role)]
-        if any(r.principals.matches(identity) for r in covering):
-            exes = sorted({p for r in covering if r.executables for p in r.executables.paths})
-            raise PermissionDenied(
-                f"permission denied: executable {identity.exe_path} may not attach to channel "
-                f"{channel!r} as {role} (allowed executables: {', '.join(exes)})"
-            )
+        mine = [r for r in covering if r.principals.matches(identity)]
+        if mine:
+            what, allowed = _refusal(identity, mine)
+            raise PermissionDenied(f"permission denied: {what} may not attach to channel {channel!r} as {role} ({allowed})")
         if covering:
-            who = "; ".join(r.principals.describe() for r in covering)
+            who = "; ".join(dict.fromkeys(r.principals.describe() for r in covering))
             raise PermissionDenied(
                 f"permission denied: uid {identity.uid} may not attach to channel "
                 f"{channel!r} as {role} ({who})"
@@ -174,6 +249,27 @@ class Policy:
 
     def may_query_status(self, identity: Identity) -> bool:
         return self.status.matches(identity)
+
+
+def describe(identity: Identity, key: str) -> str:
+    """The peer's value for a rule key, as refusals name it."""
+    if key == "executables":
+        return f"executable {identity.exe_path}"
+    if key == "units":
+        return f"unit {identity.unit or '(none)'} (cgroup {identity.cgroup or 'unknown'})"
+    if key == "cgroups":
+        return f"cgroup {identity.cgroup or 'unknown'}"
+    return f"label {identity.label if identity.label is not None else '(none)'}"
+
+
+def _refusal(identity: Identity, rules: list[Rule]) -> tuple[str, str]:
+    """Why none of ``rules`` (each naming this peer's uid or a group) admits
+    it: the peer's value for the key the first of them fails, and what those
+    rules allow for that key."""
+    failed = [(r, r.mismatch(identity)) for r in rules]
+    key = next(k for _, k in failed if k is not None)
+    allowed = sorted({a for r, k in failed if k == key for a in r.allowed(key)})
+    return describe(identity, key), f"allowed {key}: {', '.join(allowed)}"
 
 
 def default_policy(broker_uid: int, broker_exe: str = "/proc/self/exe") -> Policy:

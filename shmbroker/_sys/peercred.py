@@ -35,3 +35,28 @@ def peer_groups(sock: socket.socket) -> tuple[int, ...]:
         groups = array.array("I")
         groups.frombytes(raw[: len(raw) - len(raw) % groups.itemsize])
         return tuple(groups)
+
+
+# The kernel's answer for a label longer than this is ERANGE; SELinux
+# contexts and AppArmor profile names stay far below a page (dbus-broker
+# starts at 1 KiB and grows the same way).
+_PEERSEC_MAX = 65536
+
+
+def peer_security(sock: socket.socket) -> bytes:
+    """The peer's LSM label from SO_PEERSEC, as the kernel recorded it at connect().
+
+    Raises OSError ENOPROTOOPT when no LSM that labels sockets (SELinux,
+    AppArmor, Smack) is active.  The trailing NUL some LSMs include is
+    stripped.
+    """
+    size = 256
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERSEC, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < _PEERSEC_MAX:
+                size = min(size * 16, _PEERSEC_MAX)
+                continue
+            raise
+        return raw.rstrip(b"\0")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import socket
+import struct
 
 SO_PEERPIDFD = 77  # Linux 6.5+, asm-generic/socket.h; absent from Python 3.11
 
@@ -37,3 +40,35 @@ def pidfd_pid(pidfd: int) -> int:
             return int(line.split()[1])
     # Only kernels before 5.4 lack the line; we cannot verify, so say "gone".
     return -1
+
+
+# PIDFD_GET_INFO (Linux 6.13+, linux/pidfd.h): _IOWR(PIDFS_IOCTL_MAGIC 0xFF,
+# 11, struct pidfd_info).  The struct is extensible; its first version is 64
+# bytes (PIDFD_INFO_SIZE_VER0) and holds everything we ask for: the request
+# mask at offset 0, the cgroup id at offset 8.  Later kernels take the
+# smaller size and fill in what fits.
+_PIDFD_INFO_SIZE_VER0 = 64
+_IOC_READ_WRITE = 3
+PIDFD_GET_INFO = (_IOC_READ_WRITE << 30) | (_PIDFD_INFO_SIZE_VER0 << 16) | (0xFF << 8) | 11
+PIDFD_INFO_CGROUPID = 1 << 2
+_INFO_HEAD = struct.Struct("<QQ")  # mask, cgroupid
+
+
+def cgroup_id(pidfd: int) -> int | None:
+    """The id of the cgroup v2 cgroup the pinned process is in now, from the pidfd itself.
+
+    None where the kernel cannot say: no PIDFD_GET_INFO (before 6.13:
+    ENOTTY or EINVAL) or no cgroup id in the answer (CONFIG_CGROUPS off).
+    Raises OSError ESRCH once the process has exited: a pidfd cannot lie
+    about which process it names, so no pid reuse can answer for it.
+    """
+    buf = bytearray(_PIDFD_INFO_SIZE_VER0)
+    _INFO_HEAD.pack_into(buf, 0, PIDFD_INFO_CGROUPID, 0)
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf, True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            return None
+        raise
+    mask, cgroupid = _INFO_HEAD.unpack_from(buf)
+    return int(cgroupid) if mask & PIDFD_INFO_CGROUPID else None

@@ -215,3 +215,31 @@ def test_unexpected_error_during_verification_fails_closed(short_tmp: Path) -> N
         assert status["counters"].get("attaches", 0) == 0
         assert any(e["kind"] == "peer_rejected" for e in status["security_events"])
         assert "simulated bug" in broker.log.read_text()  # logged with its traceback
+
+
+def test_the_pidfd_names_its_process_until_it_is_reaped_by_either_kernel_interface() -> None:
+    """pidfd_pid asks PIDFD_GET_INFO where the kernel has it (6.13+), else
+    the fdinfo file: both must say the pid while the process lives or is a
+    zombie (its pid cannot be reused yet) and -1 once it is reaped."""
+    import time
+
+    from shmbroker._sys import pidfd
+
+    def fdinfo_pid(fd: int) -> int:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+
+    child = os.fork()
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    fd = os.pidfd_open(child)
+    try:
+        assert pidfd.pidfd_pid(fd) == fdinfo_pid(fd) == child
+        os.kill(child, signal.SIGKILL)
+        os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # a zombie now, not reaped
+        assert pidfd.pidfd_pid(fd) == fdinfo_pid(fd) == child
+        os.waitpid(child, 0)
+        assert pidfd.pidfd_pid(fd) == fdinfo_pid(fd) == -1
+    finally:
+        os.close(fd)

@@ -18,6 +18,9 @@ from shmbroker._ring import waiting
 from conftest import wait_for
 from ring_helpers import Worker
 
+# Every test here runs against the C core and the pure-Python reference.
+pytestmark = pytest.mark.usefixtures("ring_impl")
+
 KiB = 1024
 
 

@@ -34,10 +34,18 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <errno.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
 
 #if ATOMIC_LLONG_LOCK_FREE != 2
 #error "shmbroker._ring_native needs lock-free 64-bit atomics (address-free, usable across processes)"
@@ -51,6 +59,11 @@ _Static_assert(_Alignof(_Atomic uint64_t) == _Alignof(uint64_t), "_Atomic uint64
 #define OFF_WRITE 64
 #define OFF_PRODUCER_WAITING 80
 #define OFF_RESERVE 88
+#define OFF_LOW 72
+#define OFF_MEMBERS 128
+#define OFF_MEMBER_GEN 136
+#define OFF_SLOT_INFO 192
+#define SLOT_INFO_STRIDE 16
 #define OFF_SLEEPING 0
 #define OFF_CURSOR 0
 #define OFF_REVOKED 32
@@ -118,6 +131,41 @@ write_header(char *p, uint32_t n, uint32_t kind)
 {
     uint32_t h[2] = {n, kind};
     memcpy(p, h, sizeof h);
+}
+
+/* ------------------------------------------------------------------ */
+/* eventfd wake-ups, the same semantics as _sys/eventfd.py (signal, wait,
+ * drain) without the interpreter around each system call: the wake-up
+ * latency target is a small multiple of a bare eventfd ping-pong. */
+
+/* Add one to the counter unless it is full: any holder can clear
+ * O_NONBLOCK on the shared open file description, and a write to a full
+ * counter would then block; a full counter already means "wake up". */
+static void
+eventfd_signal(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT))
+        return;
+    uint64_t one = 1;
+    ssize_t ignored = write(fd, &one, sizeof one);
+    (void)ignored;  /* EAGAIN: full after all, which is a wake-up too */
+}
+
+/* Sleep until readable or timeout_ms passes (-1: forever), then reset the
+ * counter with a read that never blocks whatever O_NONBLOCK says. */
+static void
+eventfd_sleep(int fd, int timeout_ms)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int r;
+    do {
+        r = poll(&p, 1, timeout_ms);
+    } while (r < 0 && errno == EINTR && timeout_ms < 0);
+    uint64_t value;
+    struct iovec v = {.iov_base = &value, .iov_len = sizeof value};
+    ssize_t ignored = preadv2(fd, &v, 1, -1, RWF_NOWAIT);
+    (void)ignored;
 }
 
 /* ------------------------------------------------------------------ */
@@ -388,9 +436,16 @@ static PyTypeObject WordsType = {
 
 typedef struct {
     Core core;
-    unsigned long long w, limit, reserve;
+    unsigned long long w, limit, reserve, low;
     unsigned long long early_wrap, early_wrap_records;
+    /* Each slot's cursor page, once Python fetched it, with its attach
+     * serial: what rescan reads. */
+    Py_buffer cursor[MAX_CONSUMERS];
+    uint64_t cursor_serial[MAX_CONSUMERS];
+    int cursors_held;
     PyObject *wake;              /* wake(slot) or None */
+    int wake_fd[MAX_CONSUMERS];  /* each slot's eventfd when given (set_wake_fds), else -1 */
+    int have_wake_fds;
     PyObject *rescan;            /* rescan() -> new limit */
     PyObject *slow_try_send;     /* the reference try_send: raises what we do not word */
     PyObject *slow_send;         /* Sender.send: waits while full */
@@ -419,10 +474,28 @@ producer_clear(Producer *self)
 }
 
 static void
+producer_drop_cursor(Producer *self, int slot)
+{
+    if (self->cursors_held & (1 << slot)) {
+        PyBuffer_Release(&self->cursor[slot]);
+        self->cursors_held &= ~(1 << slot);
+    }
+    self->cursor_serial[slot] = 0;
+}
+
+static void
+producer_drop_cursors(Producer *self)
+{
+    for (int slot = 0; slot < MAX_CONSUMERS; slot++)
+        producer_drop_cursor(self, slot);
+}
+
+static void
 producer_dealloc(Producer *self)
 {
     PyObject_GC_UnTrack(self);
     producer_clear(self);
+    producer_drop_cursors(self);
     core_drop_buffers(&self->core);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -466,7 +539,16 @@ producer_after_publish(Producer *p)
 {
     atomic_thread_fence(memory_order_seq_cst);
     uint64_t sleeping = load_relaxed(&p->core.buf[B_CONTROL], OFF_SLEEPING);
-    if (sleeping == 0 || p->wake == Py_None)
+    if (sleeping == 0)
+        return 0;
+    if (p->have_wake_fds) {
+        for (int slot = 0; slot < MAX_CONSUMERS; slot++) {
+            if ((sleeping >> (8 * slot)) & 0xFF)
+                eventfd_signal(p->wake_fd[slot]);
+        }
+        return 0;
+    }
+    if (p->wake == Py_None)
         return 0;
     for (int slot = 0; slot < MAX_CONSUMERS; slot++) {
         if ((sleeping >> (8 * slot)) & 0xFF) {
@@ -504,12 +586,56 @@ producer_publish(Producer *p, uint64_t w)
     return producer_after_publish(p);
 }
 
-/* Ask Python for a fresh limit; 1 if `end` now fits, 0 if not, -1 on error. */
+/* ring.py's rescan when every member's cursor page is at hand: 1 with
+ * p->limit updated, 0 when Python must do it (a page to fetch, a start
+ * index to use, membership changing under us again and again). */
+static int
+producer_rescan(Producer *p)
+{
+    const Py_buffer *ix = &p->core.buf[B_INDEX];
+    uint64_t w = p->w, size = p->core.data_size, floor = w > size ? w - size : 0;
+    for (int attempt = 0; attempt < 4; attempt++) {
+        uint64_t generation = load_acquire(ix, OFF_MEMBER_GEN);
+        uint64_t members = load_acquire(ix, OFF_MEMBERS);
+        int any = 0;
+        uint64_t low = 0;
+        for (int slot = 0; slot < MAX_CONSUMERS; slot++) {
+            if (!((members >> (8 * slot)) & 0xFF))
+                continue;
+            if (!(p->cursors_held & (1 << slot)) ||
+                load_acquire(ix, OFF_SLOT_INFO + (size_t)slot * SLOT_INFO_STRIDE) != p->cursor_serial[slot])
+                return 0;
+            /* Untrusted: clamped into [w - size, w], never used as an offset. */
+            uint64_t r = load_acquire(&p->cursor[slot], OFF_CURSOR);
+            r = r < floor ? floor : (r > w ? w : r);
+            if (!any || r < low)
+                low = r;
+            any = 1;
+        }
+        if (any && low > p->low) {
+            p->low = low;
+            store_release(ix, OFF_LOW, low);
+        }
+        /* Store LOW, then re-load the generation (the broker does the
+         * mirror image when a consumer attaches): a store-load order. */
+        atomic_thread_fence(memory_order_seq_cst);
+        if (load_acquire(ix, OFF_MEMBER_GEN) != generation)
+            continue;
+        p->limit = (any ? low : p->low) + size;
+        return 1;
+    }
+    return 0;
+}
+
+/* 1 if a record ending at `end` fits, after a rescan if needed; 0 if not,
+ * -1 on error. */
 static int
 producer_fits(Producer *p, uint64_t end)
 {
     if (end <= p->limit)
         return 1;
+    if (producer_rescan(p))
+        return end <= p->limit;
     PyObject *r = PyObject_CallNoArgs(p->rescan);
     if (r == NULL)
         return -1;
@@ -831,6 +957,7 @@ static PyMemberDef producer_members[] = {
     {"w", T_ULONGLONG, offsetof(Producer, w), 0, "write index (private state)"},
     {"limit", T_ULONGLONG, offsetof(Producer, limit), 0, "cached bound from the last rescan"},
     {"reserve", T_ULONGLONG, offsetof(Producer, reserve), 0, "last reserve index stored"},
+    {"low", T_ULONGLONG, offsetof(Producer, low), 0, "last LOW stored"},
     {"early_wrap", T_ULONGLONG, offsetof(Producer, early_wrap), 0, "see RingProducer.early_wrap"},
     {"early_wrap_records", T_ULONGLONG, offsetof(Producer, early_wrap_records), 0, ""},
     {"data_size", T_ULONGLONG, offsetof(Producer, core.data_size), READONLY, ""},
@@ -854,13 +981,139 @@ producer_after_publish_py(Producer *p, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *
+producer_set_cursor(Producer *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set_cursor(slot, serial, page or None)");
+        return NULL;
+    }
+    long slot = PyLong_AsLong(args[0]);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long serial = PyLong_AsUnsignedLongLong(args[1]);
+    if (serial == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= MAX_CONSUMERS) {
+        PyErr_SetString(PyExc_ValueError, "consumer slot out of range");
+        return NULL;
+    }
+    /* Under the GIL, like every rescan, which checks cursors_held. */
+    producer_drop_cursor(p, (int)slot);
+    if (args[2] == Py_None)
+        Py_RETURN_NONE;
+    Py_buffer *b = &p->cursor[slot];
+    if (PyObject_GetBuffer(args[2], b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (b->len < 8 || ((uintptr_t)b->buf & 7) != 0) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_ValueError, "a cursor page must hold an aligned word");
+        return NULL;
+    }
+    p->cursors_held |= 1 << slot;
+    p->cursor_serial[slot] = serial;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+producer_set_wake_fds(Producer *p, PyObject *fds)
+{
+    PyObject *seq = PySequence_Fast(fds, "set_wake_fds() takes a sequence of fds");
+    if (seq == NULL)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != MAX_CONSUMERS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "set_wake_fds() takes one fd per consumer slot");
+        return NULL;
+    }
+    int fd[MAX_CONSUMERS];
+    for (int i = 0; i < MAX_CONSUMERS; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (v < 0 || v > INT32_MAX) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+            return NULL;
+        }
+        fd[i] = (int)v;
+    }
+    Py_DECREF(seq);
+    memcpy(p->wake_fd, fd, sizeof fd);
+    p->have_wake_fds = 1;
+    Py_RETURN_NONE;
+}
+
+/* The waiting producer's sleep (waiting.py's wait does the flag and the
+ * re-check around it): one call instead of poll object, poll and drain. */
+static int
+as_fd(PyObject *obj)
+{
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    return (int)v;
+}
+
+static PyObject *
+py_sleep(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sleep(fd, timeout)");
+        return NULL;
+    }
+    int fd = as_fd(args[0]);
+    if (fd < 0)
+        return NULL;
+    int ms = -1;
+    if (args[1] != Py_None) {
+        double t = PyFloat_AsDouble(args[1]);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        /* Rounded up, as _sys/eventfd.wait: never wake before the deadline. */
+        double m = t * 1000.0 + 0.999;
+        ms = m <= 0 ? 0 : (m >= (double)INT32_MAX ? INT32_MAX : (int)m);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    eventfd_sleep(fd, ms);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_signal(PyObject *Py_UNUSED(module), PyObject *fd_obj)
+{
+    int fd = as_fd(fd_obj);
+    if (fd < 0)
+        return NULL;
+    eventfd_signal(fd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+producer_release(Producer *p, PyObject *Py_UNUSED(ignored))
+{
+    producer_drop_cursors(p);
+    return core_release(&p->core, NULL);
+}
+
 static PyMethodDef producer_methods[] = {
+    {"set_wake_fds", (PyCFunction)producer_set_wake_fds, METH_O,
+     "set_wake_fds(fds): signal slot k's eventfd fds[k] directly instead of calling wake(k)."},
+    {"set_cursor", (PyCFunction)(void (*)(void))producer_set_cursor, METH_FASTCALL,
+     "set_cursor(slot, serial, page): the cursor page rescans read for slot (None: none)."},
     {"try_send", (PyCFunction)producer_try_send, METH_O, producer_try_send_doc},
     {"send", (PyCFunction)(void (*)(void))producer_send, METH_FASTCALL | METH_KEYWORDS, producer_send_doc},
     {"try_send_many", (PyCFunction)(void (*)(void))producer_try_send_many, METH_FASTCALL, producer_try_send_many_doc},
     {"send_many", (PyCFunction)(void (*)(void))producer_send_many, METH_FASTCALL | METH_KEYWORDS, producer_send_many_doc},
     {"after_publish", (PyCFunction)producer_after_publish_py, METH_NOARGS, "Fence, then wake sleeping consumers."},
-    {"release", (PyCFunction)core_release, METH_NOARGS, "Give the buffers back (once no call uses them)."},
+    {"release", (PyCFunction)producer_release, METH_NOARGS, "Give the buffers back (once no call uses them)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -887,6 +1140,7 @@ typedef struct {
     unsigned long long r, wc;
     int slot;
     PyObject *wake_producer;
+    int wake_fd;                  /* the producer's eventfd when given, else -1 */
     PyObject *slow_take;          /* the reference take(into): errors, "nothing" */
     PyObject *slow_recv;          /* Receiver.recv(timeout): waits */
     PyObject *slow_recv_into;
@@ -948,6 +1202,7 @@ consumer_init(Consumer *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->slot = -1;
+    self->wake_fd = -1;
 #define NONE(f) Py_INCREF(Py_None); Py_XSETREF(self->f, Py_None);
     C_OBJECTS(NONE)
 #undef NONE
@@ -994,7 +1249,9 @@ consumer_publish(Consumer *c)
 {
     store_release(&c->core.buf[B_CURSOR], OFF_CURSOR, c->r);
     atomic_thread_fence(memory_order_seq_cst);
-    if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_producer != Py_None) {
+    if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_fd >= 0) {
+        eventfd_signal(c->wake_fd);
+    } else if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_producer != Py_None) {
         PyObject *r = PyObject_CallNoArgs(c->wake_producer);
         if (r == NULL)
             return -1;
@@ -1338,6 +1595,7 @@ static PyMemberDef consumer_members[] = {
     {"data_size", T_ULONGLONG, offsetof(Consumer, core.data_size), READONLY, ""},
     {"max_message", T_ULONGLONG, offsetof(Consumer, core.max_message), READONLY, ""},
     {"wake_producer", T_OBJECT_EX, offsetof(Consumer, wake_producer), 0, ""},
+    {"wake_fd", T_INT, offsetof(Consumer, wake_fd), 0, "the producer's eventfd, signalled directly (-1: call wake_producer)"},
     {"slow_take", T_OBJECT_EX, offsetof(Consumer, slow_take), 0, ""},
     {"slow_recv", T_OBJECT_EX, offsetof(Consumer, slow_recv), 0, ""},
     {"slow_recv_into", T_OBJECT_EX, offsetof(Consumer, slow_recv_into), 0, ""},
@@ -1389,6 +1647,9 @@ fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef module_methods[] = {
     {"fence", fence, METH_NOARGS, "atomic_thread_fence(memory_order_seq_cst)"},
+    {"sleep", (PyCFunction)(void (*)(void))py_sleep, METH_FASTCALL,
+     "sleep(fd, timeout): poll(2) an eventfd for POLLIN (None: forever), then drain it"},
+    {"signal", (PyCFunction)py_signal, METH_O, "signal(fd): add one to an eventfd unless its counter is full"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,6 +17,8 @@ SPAN: int
 GIL_COPY_MIN: int
 
 def fence() -> None: ...
+def sleep(fd: int, timeout: float | None) -> None: ...
+def signal(fd: int) -> None: ...
 
 class Words:
     def __init__(self, buffer: Any) -> None: ...
@@ -29,6 +31,7 @@ class Producer:
     w: int
     limit: int
     reserve: int
+    low: int
     early_wrap: int
     early_wrap_records: int
     data_size: int
@@ -45,6 +48,8 @@ class Producer:
     def try_send_many(self, items: list[Any], start: int) -> int: ...
     def send_many(self, items: Any, timeout: float | None = None) -> int: ...
     def after_publish(self) -> None: ...
+    def set_cursor(self, slot: int, serial: int, page: Any) -> None: ...
+    def set_wake_fds(self, fds: list[int]) -> None: ...
     def release(self) -> None: ...
 
 class Consumer:
@@ -53,6 +58,7 @@ class Consumer:
     data_size: int
     max_message: int
     wake_producer: Callable[[], None] | None
+    wake_fd: int
     slow_take: Callable[[Any], Any] | None
     slow_recv: Callable[[float | None], bytes] | None
     slow_recv_into: Callable[[Any, float | None], int] | None

@@ -42,6 +42,7 @@ class Sender:
         if core is not None:
             # The core's send and send_many do the common case in C and call
             # the methods of this class for the rest (waiting, errors).
+            core.set_wake_fds(consumer_fds)  # signalled from C, without a Python call
             core.slow_send = Sender.send.__get__(self)
             core.slow_send_many = self._send_many_from
             self.send = core.send  # type: ignore[method-assign]
@@ -135,6 +136,7 @@ class Receiver:
         core = getattr(self.ring, "_core", None)
         if core is not None:
             # As Sender: the common case in C, waiting and errors here.
+            core.wake_fd = producer_fd
             core.slow_recv = Receiver.recv.__get__(self)
             core.slow_recv_into = Receiver.recv_into.__get__(self)
             core.slow_recv_many = Receiver.recv_many.__get__(self)

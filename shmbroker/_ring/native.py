@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import errors
 from . import layout as L
-from .ring import FetchCursors, RingConsumer, RingProducer, SharedWords
+from .ring import FetchCursors, FetchedCursors, RingConsumer, RingProducer, SharedWords
 
 try:
     from .. import _ring_native
@@ -94,6 +94,7 @@ class NativeRingProducer(RingProducer):
     _w = _CoreField("w")
     _limit = _CoreField("limit")
     _reserve = _CoreField("reserve")
+    _low = _CoreField("low")
     early_wrap = _CoreField("early_wrap")
     early_wrap_records = _CoreField("early_wrap_records")
 
@@ -112,6 +113,18 @@ class NativeRingProducer(RingProducer):
         self.after_publish = core.after_publish  # type: ignore[method-assign]
 
     _words = staticmethod(_words)
+
+    def _take_cursors(self, pages: FetchedCursors) -> bool:
+        taken = super()._take_cursors(pages)
+        # The core rescans by itself while it has every member's page.
+        for slot, held in enumerate(self._cursors):
+            if held is not None:
+                self._core.set_cursor(slot, held[0], held[1].view[: L.CURSOR_SIZE])
+        return taken
+
+    def _drop_cursor(self, slot: int) -> None:
+        self._core.set_cursor(slot, 0, None)
+        super()._drop_cursor(slot)
 
     def _attach_core(self) -> None:
         assert _ring_native is not None

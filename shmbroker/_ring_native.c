@@ -36,11 +36,13 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef RWF_NOWAIT
@@ -84,7 +86,32 @@ _Static_assert(_Alignof(_Atomic uint64_t) == _Alignof(uint64_t), "_Atomic uint64
  * microseconds, and so dwarfs the hand-over, starts at tens of KiB. */
 #define GIL_COPY_MIN (64 * 1024)
 
+/* A blocking send or receive that finds the ring full or empty first polls
+ * it this long in C before going back to Python to wait (which spins with
+ * sched_yield, then sleeps: waiting.py).  About the time the Python wait
+ * path itself costs before its first re-check, so a peer a few messages
+ * behind is caught without it; bounded, so an idle channel still sleeps. */
+#define SPIN_NS 10000
+
 #define ALIGN8(n) (((uint64_t)(n) + 7) & ~(uint64_t)7)
+
+/* Between polls of a spin: give the CPU away, as waiting.py's spin does.
+ * When the scheduler puts both peers on one CPU, a pause-only spin burns
+ * the slice the other side needs; with a CPU each sched_yield returns at
+ * once. */
+static inline void
+cpu_relax(void)
+{
+    sched_yield();
+}
+
+static inline int64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
 
 static inline _Atomic uint64_t *
 word(const Py_buffer *b, size_t off)
@@ -140,7 +167,9 @@ write_header(char *p, uint32_t n, uint32_t kind)
 
 /* Add one to the counter unless it is full: any holder can clear
  * O_NONBLOCK on the shared open file description, and a write to a full
- * counter would then block; a full counter already means "wake up". */
+ * counter would then block; a full counter already means "wake up".  A
+ * peer racing the check can still block the write, as in Python: so it
+ * runs without the GIL, and stalls this thread only.  Called with the GIL. */
 static void
 eventfd_signal(int fd)
 {
@@ -148,7 +177,10 @@ eventfd_signal(int fd)
     if (poll(&p, 1, 0) != 1 || !(p.revents & POLLOUT))
         return;
     uint64_t one = 1;
-    ssize_t ignored = write(fd, &one, sizeof one);
+    ssize_t ignored;
+    Py_BEGIN_ALLOW_THREADS
+    ignored = write(fd, &one, sizeof one);
+    Py_END_ALLOW_THREADS
     (void)ignored;  /* EAGAIN: full after all, which is a wake-up too */
 }
 
@@ -765,6 +797,21 @@ producer_send(Producer *p, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     int r = ASK_PYTHON;
     if (e == 0) {
         r = producer_send_object(p, args[0]);
+        if (r == FULL) {
+            /* Poll the consumers' cursors for a moment before Python
+             * waits; stop as soon as a rescan needs Python. */
+            int64_t end = now_ns() + SPIN_NS;
+            uint64_t limit = p->limit;
+            for (unsigned i = 1; r == FULL; i++) {
+                cpu_relax();
+                if (!producer_rescan(p) || ((i & 3) == 0 && now_ns() > end))
+                    break;
+                if (p->limit != limit) {
+                    limit = p->limit;
+                    r = producer_send_object(p, args[0]);
+                }
+            }
+        }
         core_leave(&p->core);
     }
     if (r == SENT)
@@ -1324,8 +1371,28 @@ consumer_next(Consumer *c, uint64_t *from, uint64_t *pos_out, uint64_t *n_out)
     }
 }
 
+/* Nothing queued (and, once checked by the caller, not revoked). */
+#define ASK_EMPTY 2
+
+/* Poll the write index (and the revoked word) for up to SPIN_NS; 1 if
+ * either moved. */
+static int
+consumer_spin(Consumer *c)
+{
+    const Core *k = &c->core;
+    int64_t end = now_ns() + SPIN_NS;
+    for (unsigned i = 1;; i++) {
+        if (load_acquire(&k->buf[B_INDEX], OFF_WRITE) != c->r || load_relaxed(&k->buf[B_HEADER], OFF_REVOKED))
+            return 1;
+        cpu_relax();
+        if ((i & 3) == 0 && now_ns() > end)
+            return 0;
+    }
+}
+
 /* take(): a new bytes, or with `into` the length copied there.  NULL and
- * *ask set when the reference path must handle it (nothing queued, errors). */
+ * *ask set when the reference path must handle it (errors: 1) or nothing
+ * is queued (ASK_EMPTY). */
 static PyObject *
 consumer_take(Consumer *c, Py_buffer *into, int *ask)
 {
@@ -1334,6 +1401,11 @@ consumer_take(Consumer *c, Py_buffer *into, int *ask)
     int found = consumer_next(c, &from, &pos, &n);
     if (found == REC_FAILED)
         return NULL;
+    if (found == REC_NONE) {
+        /* Revoked: the reference path says so. */
+        *ask = load_relaxed(&c->core.buf[B_HEADER], OFF_REVOKED) ? 1 : ASK_EMPTY;
+        return NULL;
+    }
     if (found != REC_MSG || (into != NULL && (uint64_t)into->len < n)) {
         *ask = 1;
         return NULL;
@@ -1368,7 +1440,7 @@ consumer_take(Consumer *c, Py_buffer *into, int *ask)
 }
 
 static PyObject *
-consumer_take_obj(Consumer *c, PyObject *into_obj, int *ask)
+consumer_take_obj(Consumer *c, PyObject *into_obj, int *ask, int spin)
 {
     int e = (c->core.held & (1 << B_CURSOR)) ? core_enter(&c->core) : 1;
     *ask = 0;
@@ -1381,6 +1453,8 @@ consumer_take_obj(Consumer *c, PyObject *into_obj, int *ask)
     PyObject *out;
     if (into_obj == Py_None) {
         out = consumer_take(c, NULL, ask);
+        if (out == NULL && *ask == ASK_EMPTY && spin && consumer_spin(c))
+            out = consumer_take(c, NULL, ask);
     } else {
         Py_buffer into;
         if (PyObject_GetBuffer(into_obj, &into, PyBUF_WRITABLE) < 0) {
@@ -1391,6 +1465,8 @@ consumer_take_obj(Consumer *c, PyObject *into_obj, int *ask)
             return NULL;
         }
         out = consumer_take(c, &into, ask);
+        if (out == NULL && *ask == ASK_EMPTY && spin && consumer_spin(c))
+            out = consumer_take(c, &into, ask);
         PyBuffer_Release(&into);
     }
     core_leave(&c->core);
@@ -1408,7 +1484,9 @@ consumer_take_py(Consumer *c, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *into = nargs ? args[0] : Py_None;
     int ask;
-    PyObject *out = consumer_take_obj(c, into, &ask);
+    PyObject *out = consumer_take_obj(c, into, &ask, 0);
+    if (out == NULL && ask == ASK_EMPTY)
+        Py_RETURN_NONE;  /* what the reference returns, without asking it */
     if (out == NULL && ask)
         return PyObject_CallOneArg(c->slow_take, into);
     return out;
@@ -1423,7 +1501,7 @@ consumer_recv(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     if (parse_timeout("recv", args, nargs, kwnames, 0, &timeout) < 0)
         return NULL;
     int ask;
-    PyObject *out = consumer_take_obj(c, Py_None, &ask);
+    PyObject *out = consumer_take_obj(c, Py_None, &ask, 1);
     if (out == NULL && ask)
         return PyObject_CallOneArg(c->slow_recv, timeout);
     return out;
@@ -1438,7 +1516,7 @@ consumer_recv_into(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (parse_timeout("recv_into", args, nargs, kwnames, 1, &timeout) < 0)
         return NULL;
     int ask;
-    PyObject *out = consumer_take_obj(c, args[0], &ask);
+    PyObject *out = consumer_take_obj(c, args[0], &ask, 1);
     if (out == NULL && ask)
         return PyObject_CallFunctionObjArgs(c->slow_recv_into, args[0], timeout, NULL);
     return out;
@@ -1447,8 +1525,9 @@ consumer_recv_into(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
 /* Up to max_count messages; an empty list when the reference path must
  * decide (nothing queued, errors), or NULL on error. */
 static PyObject *
-consumer_many(Consumer *c, Py_ssize_t max_count)
+consumer_many(Consumer *c, Py_ssize_t max_count, int *empty)
 {
+    *empty = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1459,8 +1538,11 @@ consumer_many(Consumer *c, Py_ssize_t max_count)
         int found = consumer_next(c, &from, &pos, &n);  /* may step over (and publish) a PAD */
         if (found == REC_FAILED)
             goto fail;
-        if (found != REC_MSG)
+        if (found != REC_MSG) {
+            *empty = found == REC_NONE && PyList_GET_SIZE(out) == 0 &&
+                     !load_relaxed(&c->core.buf[B_HEADER], OFF_REVOKED);
             break;
+        }
         PyObject *msg = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
         if (msg == NULL)
             goto fail;
@@ -1500,8 +1582,9 @@ fail:
 }
 
 static PyObject *
-consumer_many_obj(Consumer *c, PyObject *count_obj, Py_ssize_t *max_count)
+consumer_many_obj(Consumer *c, PyObject *count_obj, Py_ssize_t *max_count, int *empty, int spin)
 {
+    *empty = 0;
     *max_count = PyLong_AsSsize_t(count_obj);
     if (*max_count == -1 && PyErr_Occurred())
         return NULL;
@@ -1510,7 +1593,11 @@ consumer_many_obj(Consumer *c, PyObject *count_obj, Py_ssize_t *max_count)
         return NULL;
     if (e > 0 || *max_count < 1)
         return PyList_New(0);
-    PyObject *out = consumer_many(c, *max_count);
+    PyObject *out = consumer_many(c, *max_count, empty);
+    if (out != NULL && *empty && spin && consumer_spin(c)) {
+        Py_DECREF(out);
+        out = consumer_many(c, *max_count, empty);
+    }
     core_leave(&c->core);
     return out;
 }
@@ -1521,9 +1608,12 @@ static PyObject *
 consumer_try_recv_many(Consumer *c, PyObject *count)
 {
     Py_ssize_t max_count;
-    PyObject *out = consumer_many_obj(c, count, &max_count);
+    int empty;
+    PyObject *out = consumer_many_obj(c, count, &max_count, &empty, 0);
     if (out == NULL || PyList_GET_SIZE(out) > 0)
         return out;
+    if (empty)
+        return out;  /* what the reference returns, without asking it */
     Py_DECREF(out);
     return PyObject_CallOneArg(c->slow_try_recv_many, count);
 }
@@ -1538,7 +1628,8 @@ consumer_recv_many(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (parse_timeout("recv_many", args, nargs, kwnames, 1, &timeout) < 0)
         return NULL;
     Py_ssize_t max_count;
-    PyObject *out = consumer_many_obj(c, args[0], &max_count);
+    int empty;
+    PyObject *out = consumer_many_obj(c, args[0], &max_count, &empty, 1);
     if (out == NULL || PyList_GET_SIZE(out) > 0)
         return out;
     Py_DECREF(out);

@@ -5,6 +5,10 @@ reports "would block" (None/False), and the waiting layer decides whether to
 spin, sleep on an eventfd or await.  That keeps the algorithm testable on a
 plain shared buffer (tests/test_ring_model.py) and the same for threads and asyncio.
 
+This is the reference implementation; the C core (shmbroker/_ring_native.c,
+wired in by native.py) runs the same algorithm over the same layout with
+C11 atomics, and is what attachments use when it is built.
+
 Ordering (x86-64 TSO, see docs/ring.md): a producer stores the reserve
 index, writes the record, then publishes the write index with one aligned
 8-byte store; a consumer loads the write index, then reads records below it,

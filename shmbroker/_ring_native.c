@@ -91,7 +91,9 @@ _Static_assert(_Alignof(_Atomic uint64_t) == _Alignof(uint64_t), "_Atomic uint64
  * sched_yield, then sleeps: waiting.py).  About the time the Python wait
  * path itself costs before its first re-check, so a peer a few messages
  * behind is caught without it; bounded, so an idle channel still sleeps. */
+#ifndef SPIN_NS
 #define SPIN_NS 10000
+#endif
 
 #define ALIGN8(n) (((uint64_t)(n) + 7) & ~(uint64_t)7)
 

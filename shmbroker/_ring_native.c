@@ -187,19 +187,19 @@ eventfd_signal(int fd)
 }
 
 /* Sleep until readable or timeout_ms passes (-1: forever), then reset the
- * counter with a read that never blocks whatever O_NONBLOCK says. */
-static void
+ * counter with a read that never blocks whatever O_NONBLOCK says.  Returns
+ * poll's errno when a signal interrupted it (0 otherwise): the caller lets
+ * Python's handlers run (Ctrl-C), and the wait loop re-checks the ring. */
+static int
 eventfd_sleep(int fd, int timeout_ms)
 {
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    int r;
-    do {
-        r = poll(&p, 1, timeout_ms);
-    } while (r < 0 && errno == EINTR && timeout_ms < 0);
+    int interrupted = poll(&p, 1, timeout_ms) < 0 && errno == EINTR;
     uint64_t value;
     struct iovec v = {.iov_base = &value, .iov_len = sizeof value};
     ssize_t ignored = preadv2(fd, &v, 1, -1, RWF_NOWAIT);
     (void)ignored;
+    return interrupted ? EINTR : 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1129,9 +1129,12 @@ py_sleep(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         double m = t * 1000.0 + 0.999;
         ms = m <= 0 ? 0 : (m >= (double)INT32_MAX ? INT32_MAX : (int)m);
     }
+    int interrupted;
     Py_BEGIN_ALLOW_THREADS
-    eventfd_sleep(fd, ms);
+    interrupted = eventfd_sleep(fd, ms);
     Py_END_ALLOW_THREADS
+    if (interrupted && PyErr_CheckSignals() < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 

@@ -15,10 +15,10 @@ $(BIN)/python:
 	  { echo "could not create a venv with $(PYTHON); on Debian or Ubuntu: apt-get install python3-venv"; exit 1; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 
-# The C extension (the SIGBUS guard) is built in place by the editable
-# install: rebuild when its source or the build script changes.  The demo
+# The C extensions (the SIGBUS guard and the ring core) are built in place by
+# the editable install: rebuild when their sources or the build script change.  The demo
 # needs the package alone (msgpack and the extension).
-$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c
+$(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c shmbroker/_ring_native.c
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
 	@touch $@
 
@@ -26,7 +26,7 @@ $(DEMO_STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c
 # build of the extension).  python-prctl (the `prctl` extra) compiles
 # against libcap: without its headers we do not even try (pip would print a
 # red build error for something optional); the ctypes fallback is used.
-$(STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c
+$(STAMP): $(BIN)/python pyproject.toml setup.py shmbroker/_guard.c shmbroker/_ring_native.c
 	@extras=test,bench; \
 	if [ -e /usr/include/sys/capability.h ]; then extras=$$extras,prctl; \
 	else echo "note: libcap-dev is not installed, so the optional python-prctl is skipped (the ctypes fallback is used)"; fi; \

@@ -1,9 +1,17 @@
-"""Builds shmbroker's one C extension, the SIGBUS guard (shmbroker/_guard.c).
+"""Builds shmbroker's C extensions: the SIGBUS guard (shmbroker/_guard.c)
+and the ring's hot path (shmbroker/_ring_native.c).
 
-Everything else about the package lives in pyproject.toml.  The guard is not
-optional: without it a peer truncating a posix segment kills the client, so
-a machine without a C compiler or the Python headers gets an error that says
-what to install instead of a package that imports and then crashes.
+Everything else about the package lives in pyproject.toml.  Neither is
+optional: without the guard a peer truncating a posix segment kills the
+client, and without the ring core the ring is slower everywhere and refused
+on CPUs other than x86-64 (its pure-Python fallback relies on x86-64's
+memory ordering).  So a machine without a C compiler or the Python headers
+gets an error that says what to install instead of a package that imports
+and then crashes.
+
+Two extensions rather than one: the guard's code runs inside a signal
+handler and must stay small and async-signal-safe, and every client loads
+it; the ring core is ordinary CPython C API code only ring attachments use.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, CompileError, LinkError
 
 HINT = (
-    "shmbroker needs a C compiler and the Python development headers to build its SIGBUS guard "
-    "(shmbroker/_guard.c). On Debian or Ubuntu: apt-get install gcc python3-dev "
+    "shmbroker needs a C compiler and the Python development headers to build its C extensions "
+    "(shmbroker/_guard.c, shmbroker/_ring_native.c). On Debian or Ubuntu: apt-get install gcc python3-dev "
     "(python3.11-dev for /usr/bin/python3.11); on Fedora: dnf install gcc python3-devel."
 )
 
@@ -63,7 +71,14 @@ setup(
             "shmbroker._guard",
             sources=["shmbroker/_guard.c"],
             extra_compile_args=["-std=gnu11", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "shmbroker._ring_native",
+            sources=["shmbroker/_ring_native.c"],
+            # -O2: setuptools passes the interpreter's own CFLAGS, which may be
+            # -O0 for a debug build; the copies and index checks want -O2.
+            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+        ),
     ],
     cmdclass={"build_ext": BuildGuard},
 )

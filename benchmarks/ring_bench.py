@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import mmap
 import os
 import platform
 import select
@@ -203,6 +204,50 @@ def eventfd_rtt(rounds: int, gap: float) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
+# futex(2) numbers by machine (asm/unistd.h); FUTEX_WAIT and FUTEX_WAKE
+# without FUTEX_PRIVATE_FLAG, since the word is shared between processes.
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
+FUTEX_WAIT, FUTEX_WAKE = 0, 1
+
+
+def futex_rtt(rounds: int, gap: float) -> tuple[float, float] | None:
+    """The same ping-pong as eventfd_rtt on two futex words in a shared
+    page (ctypes syscall(2), as a C core would issue it, plus ctypes' own
+    cost): the alternative to eventfd + poll(2) for the sync path."""
+    number = SYS_FUTEX.get(platform.machine())
+    if number is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED: the forked echo sees the same words
+    words = (ctypes.c_uint32 * 2).from_buffer(page)
+    ping_addr = ctypes.c_void_p(ctypes.addressof(words))
+    pong_addr = ctypes.c_void_p(ctypes.addressof(words) + 4)
+    syscall = libc.syscall
+
+    def echo() -> None:
+        for i in range(rounds):
+            while words[0] == i:
+                syscall(number, ping_addr, FUTEX_WAIT, i, None, None, 0)
+            words[1] = i + 1
+            syscall(number, pong_addr, FUTEX_WAKE, 1, None, None, 0)
+
+    pid = fork(echo)
+    samples = []
+    for i in range(rounds):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        words[0] = i + 1
+        syscall(number, ping_addr, FUTEX_WAKE, 1, None, None, 0)
+        while words[1] == i:
+            syscall(number, pong_addr, FUTEX_WAIT, i, None, None, 0)
+        samples.append(time.perf_counter() - t0)
+    os.waitpid(pid, 0)
+    del words
+    page.close()
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
 def _iox_service(iox2: object, name: str, depth: int, root: str, prefix: str) -> object:
     # A private root and prefix, as `shmbroker bench` uses: iceoryx2's
     # defaults leave a world-writable file in /dev/shm and a tree in /tmp.
@@ -376,6 +421,10 @@ def main() -> None:
         e50, e99 = eventfd_rtt(200, 0.002)
         print(f"# bare eventfd ping-pong between two processes asleep in poll(2), 2 ms apart: "
               f"RTT p50 {e50:.1f} us, p99 {e99:.1f} us (the floor under 'asleep')")
+        futex = futex_rtt(200, 0.002)
+        if futex is not None:
+            print(f"# bare futex ping-pong (FUTEX_WAIT/FUTEX_WAKE on a shared page), 2 ms apart: "
+                  f"RTT p50 {futex[0]:.1f} us, p99 {futex[1]:.1f} us")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -100,6 +100,15 @@ def main() -> int:
         visible = shm_names()
         print(f"6. shmbroker objects in /dev/shm while attached: {sorted(visible) or 'none'}")
 
+        # A message ring next to it (the C ring core, by default), in this process.
+        with ShmClient.attach("demo-ring", "producer", socket_path=sock, size=64 << 10, ring=True) as ring_p, \
+                ShmClient.attach("demo-ring", "consumer", socket_path=sock) as ring_c:
+            sent = [f"message {i}".encode() for i in range(1000)]
+            for message in sent:
+                ring_p.send(message)
+            in_order = [ring_c.recv(timeout=5) for _ in sent] == sent
+        print(f"   ring channel 'demo-ring': {len(sent)} messages sent and received {'in order' if in_order else 'OUT OF ORDER'}")
+
         for proc in (consumer, producer):
             proc.communicate("done\n", timeout=30)
         if consumer.returncode or producer.returncode:
@@ -114,7 +123,7 @@ def main() -> int:
         print(f"7. both detached; broker stopped with exit code {code}; socket removed: {not os.path.exists(sock)}; "
               f"attaches {counters.get('attaches', 0)}, segments wiped {counters.get('segments_wiped', 0)}")
         print(f"8. shmbroker objects left in /dev/shm: {sorted(leftovers) or 'none'}")
-        ok = code == 0 and not visible and not leftovers and not os.path.exists(sock)
+        ok = code == 0 and not visible and not leftovers and not os.path.exists(sock) and in_order
         print(f"\n{'OK' if ok else 'FAILED'}: {PAYLOAD} bytes went from producer to consumer through one private segment")
         if not ok:
             show_log(log)

@@ -240,6 +240,24 @@ def check_seccomp() -> Check:
     return Check("seccomp", OK, f"filters available ({os.uname().machine}); `serve --seccomp enforce|log` can be used")
 
 
+def check_ring_core() -> Check:
+    """Whether ring channels run on the C core, the Python fallback, or not at all."""
+    from ._ring import native
+
+    if native.available():
+        return Check("ring core", OK, "the C core (shmbroker._ring_native, C11 atomics) runs ring channels")
+    if native.python_fallback_is_sound():
+        return Check(
+            "ring core", WARN, "shmbroker._ring_native is missing: ring channels use the pure-Python fallback",
+            "rings are several times slower (reinstall shmbroker with gcc and the Python headers to build the C core)",
+        )
+    return Check(
+        "ring core", FAIL, f"shmbroker._ring_native is missing and this CPU ({native.machine()}) is not x86-64",
+        "attaching a ring channel is refused (the Python fallback relies on x86-64 memory ordering); reinstall "
+        "shmbroker with gcc and the Python headers (apt-get install gcc python3-dev)",
+    )
+
+
 def check_running_broker(socket_path: str | None, broker_user: str | None) -> list[Check]:
     """The confinement a running broker reports about itself (its status).
 
@@ -276,4 +294,5 @@ def check_running_broker(socket_path: str | None, broker_user: str | None) -> li
 
 PROBES: list[Callable[[], Check]] = [
     check_leases, check_pidfd, check_landlock, check_memfd_seals, check_mlock, check_ptrace, check_coredumps, check_seccomp,
+    check_ring_core,
 ]

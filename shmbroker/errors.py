@@ -28,6 +28,7 @@ __all__ = [
     "Full",
     "Empty",
     "UnsupportedOperation",
+    "UnsupportedPlatform",
 ]
 
 
@@ -132,6 +133,15 @@ class UnsupportedOperation(ShmBrokerError, ValueError):
     A mistake in the calling code, not a refusal by the broker; nothing was
     sent or received.  Named after :class:`io.UnsupportedOperation`, which
     reading a file opened for writing raises, and a ValueError like it.
+    """
+
+
+class UnsupportedPlatform(ShmBrokerError):
+    """This machine cannot run a ring channel safely with what is installed.
+
+    The pure-Python ring relies on x86-64's memory ordering; on any other CPU
+    a ring needs shmbroker's C extension (built by ``pip install`` with a C
+    compiler and the Python headers).  Raw channels are not affected.
     """
 
 

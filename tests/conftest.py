@@ -109,3 +109,18 @@ def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> 
             return value
         time.sleep(0.02)
     pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture(params=["native", "python"])
+def ring_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a ring test against the C core and against the pure-Python
+    reference, over the same shared layout.  The choice is made at attach
+    time in this process and inherited by forked workers."""
+    from shmbroker._ring import native
+
+    if request.param == "native":
+        assert native.available(), "shmbroker._ring_native is not built; `make test` builds it"
+        monkeypatch.setattr(native, "_native_override", True)
+    else:
+        monkeypatch.setattr(native, "_native_override", False)
+    return str(request.param)

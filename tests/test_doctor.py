@@ -13,7 +13,7 @@ from shmbroker import _doctor
 from shmbroker._sys import landlock
 from shmbroker._sys import prctl as sysprctl
 
-EXPECTED = {"leases", "SO_PEERPIDFD", "landlock", "memfd seals", "mlock limit", "ptrace restrictions", "core dumps", "seccomp"}
+EXPECTED = {"leases", "SO_PEERPIDFD", "landlock", "memfd seals", "mlock limit", "ptrace restrictions", "core dumps", "seccomp", "ring core"}
 
 
 def test_doctor_json_reports_every_check_and_a_matching_exit_code() -> None:
@@ -64,3 +64,17 @@ def test_doctor_warns_about_a_small_mlock_limit_without_cap_ipc_lock() -> None:
 
     check = run_in_child(probe)
     assert check.status == "warn" and "64 KiB" in check.consequence
+
+
+def test_doctor_reports_the_ring_core_and_the_python_fallback(monkeypatch: Any) -> None:
+    from shmbroker._ring import native
+
+    assert _doctor.check_ring_core().status == "ok"  # `make test` builds the extension
+    monkeypatch.setattr(native, "_native_override", False)
+    fallback = _doctor.check_ring_core()
+    assert fallback.status == "warn" and "pure-Python fallback" in fallback.detail
+    # Simulates another CPU (platform.machine() is not asked): what doctor
+    # says on aarch64 without the extension.
+    monkeypatch.setattr(native, "_machine_override", "aarch64")
+    refused = _doctor.check_ring_core()
+    assert refused.status == "fail" and "aarch64" in refused.detail and "refused" in refused.consequence

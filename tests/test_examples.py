@@ -18,6 +18,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checksum OK" in proc.stdout
     assert "broker verified 2 peer(s)" in proc.stdout
+    assert "ring channel 'demo-ring': 1000 messages sent and received in order" in proc.stdout
     assert "objects left in /dev/shm: none" in proc.stdout
     assert shm_leftovers() <= before
 

@@ -18,6 +18,9 @@ from shmbroker._ring import waiting
 from conftest import wait_for
 from ring_helpers import Worker
 
+# Every test here runs against the C core and the pure-Python reference.
+pytestmark = pytest.mark.usefixtures("ring_impl")
+
 KiB = 1024
 
 
@@ -290,3 +293,52 @@ def test_async_example_runs(broker: Any) -> None:
         assert [line for line in out.stdout.splitlines() if line.startswith(f"[{name}]")] == [
             f"[{name}] {name} #{i}" for i in range(5)
         ]
+
+
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_closing_an_attachment_while_another_thread_copies_a_large_message_is_safe(broker: Any, side: str) -> None:
+    """Copies of 64 KiB and more run without the GIL (the C core), so another
+    thread can close the attachment in the middle of one.  The mapping must
+    outlive the copy: the process survives, the copying thread gets an
+    error or finishes, never a crash or a wedge."""
+    size = 1024 * KiB
+    with producer(broker, "big", size=8 * size, max_message=size) as p, attach(broker, "consumer", "big") as c:
+        victim = p if side == "producer" else c
+        stop = threading.Event()
+        outcome: list[BaseException | None] = []
+        msg = os.urandom(size)
+        buf = bytearray(size)
+
+        def feed() -> None:
+            # The other side keeps the victim busy: the producer never full, the consumer never empty.
+            while not stop.is_set():
+                try:
+                    if side == "producer":
+                        c.recv_into(buf, timeout=0.05)
+                    else:
+                        p.send(msg, timeout=0.05)
+                except errors.ShmBrokerError:
+                    pass
+
+        def copy() -> None:
+            try:
+                for _ in range(100_000):
+                    if side == "producer":
+                        victim.send(msg, timeout=1)
+                    else:
+                        victim.recv_into(buf, timeout=1)
+                outcome.append(None)
+            except (errors.ShmBrokerError, ValueError) as exc:  # closed under it: a clear error
+                outcome.append(exc)
+
+        helper = threading.Thread(target=feed)
+        worker = threading.Thread(target=copy)
+        helper.start()
+        worker.start()
+        time.sleep(0.2)
+        victim.close()
+        worker.join(10)
+        stop.set()
+        helper.join(10)
+        assert not worker.is_alive(), "the copying thread wedged after close()"
+        assert outcome, "the copying thread died without an outcome"

@@ -28,6 +28,9 @@ from shmbroker._ring.client import check_page, take_cursor_pages, take_ring_fds
 from shmbroker._sys import eventfd, fdpass, memfd
 from shmbroker._wire import messages as m
 
+# Every test here runs against the C core and the pure-Python reference.
+pytestmark = pytest.mark.usefixtures("ring_impl")
+
 
 def _eventfds(pid: int) -> int:
     count = 0

@@ -15,15 +15,45 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from shmbroker import errors
 from shmbroker._layout import HEADER_SIZE, REVOKED
 from shmbroker._ring import layout as L
 from shmbroker._ring.broker import RingState
+from shmbroker._ring import native
 from shmbroker._ring.ring import RingConsumer, RingProducer
 
 SEQ = struct.Struct("<Q")
+
+
+class Impl:
+    """The ring implementation under test: the C core or the pure-Python
+    reference, over the same shared layout (the ``impl`` fixture)."""
+
+    producer: type[RingProducer] = RingProducer
+    consumer: type[RingConsumer] = RingConsumer
+
+
+IMPLS: dict[str, tuple[type[RingProducer], type[RingConsumer]]] = {
+    "native": (native.NativeRingProducer, native.NativeRingConsumer),
+    "python": (RingProducer, RingConsumer),
+}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "native":
+        assert native.available(), "shmbroker._ring_native is not built; `make test` builds it"
+    Impl.producer, Impl.consumer = IMPLS[request.param]
+    try:
+        yield str(request.param)
+    finally:
+        Impl.producer, Impl.consumer = RingProducer, RingConsumer
+
+
+# Every test here runs against both implementations.
+pytestmark = pytest.mark.usefixtures("impl")
 
 
 def message(seq: int, size: int) -> bytes:
@@ -113,14 +143,14 @@ def fetcher(seg: Segment, opened: list[Page] | None = None) -> object:
 
 
 def producer_of(seg: Segment, **kw: object) -> RingProducer:
-    return RingProducer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=fetcher(seg), **kw)  # type: ignore[arg-type]
+    return Impl.producer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=fetcher(seg), **kw)  # type: ignore[arg-type]
 
 
 class Member:
     def __init__(self, seg: Segment, alone: bool) -> None:
         self.slot, self.cursor = attach(seg, self)
         # The start index as the attach reply carries it (the client's path).
-        self.ring = RingConsumer(
+        self.ring = Impl.consumer(
             seg.control, seg.index_ro, seg.payload, seg.header, "model", self.slot, self.cursor.view,
             start=seg.state.starts[self.slot],
         )
@@ -293,7 +323,7 @@ class RingModel(RuleBasedStateMachine):
         assert self.producer.write_index == w
 
     def _new_producer(self) -> RingProducer:
-        producer = RingProducer(
+        producer = Impl.producer(
             self.seg.control, self.seg.index, self.seg.payload, self.seg.header, "model",
             fetch_cursors=lambda: self._fetch() if self.fetching else None,  # type: ignore[operator]
         )
@@ -317,10 +347,14 @@ class RingModel(RuleBasedStateMachine):
             assert self.producer._limit <= m.ring._r + self.producer.data_size
 
 
-RingModel.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-TestRingModel = RingModel.TestCase
+def test_ring_model() -> None:
+    run_state_machine_as_test(
+        RingModel,
+        settings=settings(
+            max_examples=150, stateful_step_count=100, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        ),
+    )
 
 
 def test_revoked_segment_raises_on_next_operation() -> None:
@@ -384,7 +418,7 @@ def test_a_newcomer_starts_where_the_broker_said_whatever_its_cursor_page_says()
         start = seg.state.starts[slot]
         assert start == producer.write_index == page.read()  # live readers: it starts at the newest
         page.write(0)  # the forgery: "start at the oldest"
-        newcomer = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, page.view, start=start)
+        newcomer = Impl.consumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", slot, page.view, start=start)
         assert page.read() == start
         assert newcomer.try_recv() is None, "the newcomer replayed messages sent before it joined"
         assert producer.try_send(message(3, 100))
@@ -416,7 +450,7 @@ def test_untrusted_indices_never_read_out_of_bounds() -> None:
         L.U64.pack_into(seg.index, L.OFF_WRITE, producer.write_index)
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 2**31 - 1, L.KIND_MSG)
         member.cursor.write(0)
-        fresh = RingConsumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", member.slot, member.cursor.view)
+        fresh = Impl.consumer(seg.control, seg.index_ro, seg.payload, seg.header, "model", member.slot, member.cursor.view)
         with pytest.raises(errors.SegmentError, match="corrupt"):
             fresh.try_recv()
         struct.pack_into("<II", seg.payload, L.DATA_OFFSET, 5, 77)
@@ -596,7 +630,7 @@ def test_a_producer_without_a_newcomers_page_bounds_itself_by_the_newcomers_star
     fetch = fetcher(seg)
     try:
         reader = Member(seg, alone=True)
-        producer = RingProducer(
+        producer = Impl.producer(
             seg.control, seg.index, seg.payload, seg.header, "model",
             fetch_cursors=lambda: fetch() if answering[0] else None,  # type: ignore[operator]
         )
@@ -639,7 +673,7 @@ def test_a_slots_old_page_is_not_trusted_for_its_next_consumer() -> None:
     try:
         keeper = Member(seg, alone=True)
         old = Member(seg, alone=False)
-        producer = RingProducer(
+        producer = Impl.producer(
             seg.control, seg.index, seg.payload, seg.header, "model",
             fetch_cursors=lambda: fetch() if answering[0] else None,  # type: ignore[operator]
         )
@@ -768,7 +802,7 @@ def test_a_member_the_broker_has_no_page_for_does_not_make_the_producer_ask_on_e
             calls.append(1)
             return fetch()  # type: ignore[operator]
 
-        producer = RingProducer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=counting)  # type: ignore[arg-type]
+        producer = Impl.producer(seg.control, seg.index, seg.payload, seg.header, "model", fetch_cursors=counting)  # type: ignore[arg-type]
         producer.rescan()  # fetches the keeper's page
         calls.clear()
         stale = 7

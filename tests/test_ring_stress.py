@@ -19,6 +19,9 @@ from shmbroker import ShmClient
 from conftest import wait_for
 from ring_helpers import HEAD, Worker, check_message, make_message
 
+# Every test here runs against the C core and the pure-Python reference.
+pytestmark = pytest.mark.usefixtures("ring_impl")
+
 KiB = 1024
 STOP_EPOCH = 0xFFFF
 COUNTER = struct.Struct("<Q")

@@ -11,7 +11,8 @@ from .. import errors
 from .._types import Role
 from .._sys import eventfd
 from . import layout as L
-from .ring import FetchCursors, RingConsumer, RingProducer
+from . import native
+from .ring import FetchCursors
 from .waiting import CONSUMER_RECHECK_SECONDS, PRODUCER_RECHECK_SECONDS, wait, wait_async
 
 Buffer = bytes | bytearray | memoryview
@@ -35,7 +36,17 @@ class Sender:
         self.fds = [producer_fd, *consumer_fds]
         self._fd = producer_fd
         self._consumer_fds = consumer_fds
-        self.ring = RingProducer(control, index, payload, header, name, wake=self._wake, fetch_cursors=fetch_cursors)
+        producer, _ = native.classes(name)
+        self.ring = producer(control, index, payload, header, name, wake=self._wake, fetch_cursors=fetch_cursors)
+        core = getattr(self.ring, "_core", None)
+        if core is not None:
+            # The core's send and send_many do the common case in C and call
+            # the methods of this class for the rest (waiting, errors).
+            core.set_wake_fds(consumer_fds)  # signalled from C, without a Python call
+            core.slow_send = Sender.send.__get__(self)
+            core.slow_send_many = self._send_many_from
+            self.send = core.send  # type: ignore[method-assign]
+            self.send_many = core.send_many  # type: ignore[method-assign]
 
     def _wake(self, slot: int) -> None:
         eventfd.signal(self._consumer_fds[slot])
@@ -65,9 +76,10 @@ class Sender:
             wait(self._progress(), self._set_waiting, self._fd, deadline, PRODUCER_RECHECK_SECONDS)
 
     def send_many(self, items: Iterable[Buffer], timeout: float | None) -> int:
-        batch = items if isinstance(items, list) else list(items)
+        return self._send_many_from(items if isinstance(items, list) else list(items), 0, timeout)
+
+    def _send_many_from(self, batch: list[Buffer], done: int, timeout: float | None) -> int:
         deadline = _deadline(timeout)
-        done = 0
         while done < len(batch):
             done += self.ring.try_send_many(batch, done)
             if done < len(batch):
@@ -117,9 +129,20 @@ class Receiver:
         self.fds = [slot_fd, producer_fd]
         self._fd = slot_fd
         self._producer_fd = producer_fd
-        self.ring = RingConsumer(
+        _, consumer = native.classes(name)
+        self.ring = consumer(
             control, index, payload, header, name, slot, cursor, wake_producer=self._wake_producer, start=start
         )
+        core = getattr(self.ring, "_core", None)
+        if core is not None:
+            # As Sender: the common case in C, waiting and errors here.
+            core.wake_fd = producer_fd
+            core.slow_recv = Receiver.recv.__get__(self)
+            core.slow_recv_into = Receiver.recv_into.__get__(self)
+            core.slow_recv_many = Receiver.recv_many.__get__(self)
+            self.recv = core.recv  # type: ignore[method-assign]
+            self.recv_into = core.recv_into  # type: ignore[method-assign]
+            self.recv_many = core.recv_many  # type: ignore[method-assign]
 
     def _wake_producer(self) -> None:
         eventfd.signal(self._producer_fd)

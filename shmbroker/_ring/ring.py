@@ -5,6 +5,10 @@ reports "would block" (None/False), and the waiting layer decides whether to
 spin, sleep on an eventfd or await.  That keeps the algorithm testable on a
 plain shared buffer (tests/test_ring_model.py) and the same for threads and asyncio.
 
+This is the reference implementation; the C core (shmbroker/_ring_native.c,
+wired in by native.py) runs the same algorithm over the same layout with
+C11 atomics, and is what attachments use when it is built.
+
 Ordering (x86-64 TSO, see docs/ring.md): a producer stores the reserve
 index, writes the record, then publishes the write index with one aligned
 8-byte store; a consumer loads the write index, then reads records below it,
@@ -58,18 +62,39 @@ _SMALL_COPY = 4096
 MAX_INDEX = 2**62
 
 # A full memory barrier for the Dekker-style "store my flag/index, then load
-# theirs" handshakes.  x86-64 may let a load pass an earlier store (the store
-# buffer); uncontended threading.Lock acquire/release runs lock-prefixed
-# instructions (glibc sem_trywait/sem_post: cmpxchg, xadd), which are full
-# fences on x86-64.  About 75 ns, far cheaper than a ctypes call.
+# theirs" handshakes: the C extension's atomic_thread_fence(seq_cst) when it
+# is built (any CPU), else a lock.  x86-64 may let a load pass an earlier
+# store (the store buffer); uncontended threading.Lock acquire/release runs
+# lock-prefixed instructions (glibc sem_trywait/sem_post: cmpxchg, xadd),
+# which are full fences on x86-64, and only there (native.py refuses the
+# pure-Python ring elsewhere).
 _fence_lock = threading.Lock()
 _fence_acquire = _fence_lock.acquire
 _fence_release = _fence_lock.release
 
 
-def fence() -> None:
+def _lock_fence() -> None:
     _fence_acquire()
     _fence_release()
+
+
+try:
+    from .. import _ring_native
+except ImportError:  # a zipapp (the broker never runs a ring), or no build
+    _ring_native = None  # type: ignore[assignment]
+
+fence: Callable[[], None] = _lock_fence if _ring_native is None else _ring_native.fence
+
+
+class SharedWords(Protocol):
+    """Shared u64 words: a 'Q' memoryview (the reference) or the C core's
+    Words (acquire loads, release stores)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+
+    def release(self) -> None: ...
 
 
 class CursorPage(Protocol):
@@ -134,9 +159,20 @@ class _Base:
         # load or store.  struct.pack_into is NOT usable for publishing: it
         # memset()s the field to zero before writing it, so a concurrent
         # reader can see 0 (observed here as a write index of 0 mid-stream).
-        self._cw = self._ctrl.cast("Q")
-        self._iw = self._index.cast("Q")
-        self._hw = header[: L.CONTROL_SIZE].cast("Q")
+        self._cw = self._words(self._ctrl)
+        self._iw = self._words(self._index)
+        self._hw = self._words(header[: L.CONTROL_SIZE])
+        self._attach_core()
+
+    # Hooks for the C core (native.py): how shared words are viewed, and
+    # where the core takes the buffers it needs.  The reference views words
+    # as a 'Q' memoryview (see above), relying on x86-64's ordering.
+    @staticmethod
+    def _words(view: memoryview) -> SharedWords:
+        return view.cast("Q")
+
+    def _attach_core(self) -> None:
+        pass
 
     def revoked(self) -> bool:
         return self._hw[_REVOKED] != 0
@@ -183,7 +219,7 @@ class RingProducer(_Base):
         self.check()
         # Each slot's cursor page as (attach serial, page, its words), once
         # fetched from the broker; see rescan.
-        self._cursors: list[tuple[int, CursorPage, memoryview] | None] = [None] * L.MAX_CONSUMERS
+        self._cursors: list[tuple[int, CursorPage, SharedWords] | None] = [None] * L.MAX_CONSUMERS
         self._fetch_cursors = fetch_cursors
         self._fetch_after = 0.0  # monotonic time before which rescan does not ask again (see there)
         # A previous producer may have published messages nobody consumed;
@@ -289,7 +325,7 @@ class RingProducer(_Base):
                 continue
             if held is not None:
                 self._drop_cursor(slot)
-            cursors[slot] = (serial, page, page.view[: L.CURSOR_SIZE].cast("Q"))
+            cursors[slot] = (serial, page, self._words(page.view[: L.CURSOR_SIZE]))
             taken = True
         return taken
 
@@ -368,8 +404,7 @@ class RingProducer(_Base):
     def after_publish(self) -> None:
         """Wake sleeping consumers.  Fence so our index store is visible
         before we look at their flags (they store the flag, fence, re-check)."""
-        _fence_acquire()
-        _fence_release()
+        fence()
         sleeping = self._cw[_W_SLEEPING]
         if sleeping and self._wake is not None:
             for slot in range(L.MAX_CONSUMERS):
@@ -407,8 +442,7 @@ class RingProducer(_Base):
         iw[_W_WRITE] = end
         self._w = end
         # after_publish(), inlined: this is the hot path.
-        _fence_acquire()
-        _fence_release()
+        fence()
         if self._cw[_W_SLEEPING] and self._wake is not None:
             self.after_publish()
         return True
@@ -531,7 +565,7 @@ class RingConsumer(_Base):
         if len(cursor) < L.CURSOR_SIZE:
             raise errors.SegmentError(f"the cursor page of channel {name!r} is too small; refusing it")
         self.slot = slot
-        self._cur = cursor[: L.CURSOR_SIZE].cast("Q")
+        self._cur = self._cursor_words(cursor[: L.CURSOR_SIZE])
         self._sleep_off = _OFF_SLEEPING + slot
         r = self._cur[_W_CURSOR] if start is None else start
         if r % L.ALIGN or r >= MAX_INDEX:
@@ -540,6 +574,9 @@ class RingConsumer(_Base):
         self._r = r
         self._wc = r  # the last write index seen; records below it are published
         self._wake_producer = wake_producer
+
+    def _cursor_words(self, view: memoryview) -> SharedWords:
+        return self._words(view)
 
     def _load_write(self) -> int:
         """Load and validate the producer's write index (untrusted, maybe wiped)."""
@@ -608,8 +645,7 @@ class RingConsumer(_Base):
     def publish_cursor(self) -> None:
         self._cur[_W_CURSOR] = self._r
         # Store-then-load handshake with a producer that sleeps while full.
-        _fence_acquire()
-        _fence_release()
+        fence()
         if self._iw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
 
@@ -659,8 +695,7 @@ class RingConsumer(_Base):
             raise self.overwritten()
         self._r = r = r + L.RECORD_HEADER + ((n + 7) & ~7)
         self._cur[_W_CURSOR] = r
-        _fence_acquire()
-        _fence_release()
+        fence()
         if iw[_W_PRODUCER_WAITING] and self._wake_producer is not None:
             self._wake_producer()
         return out

@@ -24,6 +24,22 @@ from collections.abc import Callable
 from .._sys import eventfd
 from .ring import fence
 
+try:
+    from .._ring_native import sleep as _native_sleep
+except ImportError:  # the pure-Python fallback (native.py)
+    _native_sleep = None  # type: ignore[assignment]
+
+
+def _sleep(fd: int, timeout: float | None) -> None:
+    """poll(2) the eventfd, then drain it: one C call when the core is
+    built (a wake-up then costs no interpreter work between the kernel's
+    return and the re-check), eventfd.wait + eventfd.drain otherwise."""
+    if _native_sleep is not None:
+        _native_sleep(fd, timeout)
+    else:
+        eventfd.wait(fd, timeout)
+        eventfd.drain(fd)
+
 _yield = os.sched_yield
 
 # Spin this long before sleeping: about what one sleep + wake-up through
@@ -92,8 +108,7 @@ def wait(
             timeout = _sleep_budget(deadline, max_sleep)
             if timeout is not None and timeout <= 0:
                 return False
-            eventfd.wait(fd, timeout)
-            eventfd.drain(fd)
+            _sleep(fd, timeout)
         finally:
             set_flag(0)
         if ready():

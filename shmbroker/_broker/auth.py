@@ -23,6 +23,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from .._escape import quote
 from .._sys import peercred, pidfd, statx
 from .inspector import ExeInspector, InspectorError
 from .policy import Identity
@@ -254,7 +255,7 @@ def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
         return None
     if now != peer.identity.exe:
         return (
-            f"pid {pid} now runs {now_path} (dev {now[0]}, inode {now[1]}), "
-            f"not {peer.identity.exe_path} it was admitted with"
+            f"pid {pid} now runs {quote(now_path)} (dev {now[0]}, inode {now[1]}), "
+            f"not {quote(peer.identity.exe_path)} it was admitted with"
         )
     return None

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._escape import quote
 from .._layout import FLAG_RING, LAYOUT_VERSION
 from .._ring import layout as ring_layout
 from .._ring.broker import RingState
@@ -402,7 +403,7 @@ class BrokerCore:
         who = f"pid {sender}" if sender > 0 else "a process outside the broker's pid namespace"
         self.peer_event(
             EventKind.IDENTITY_CHANGED,
-            f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
+            f"{who} wrote on the connection verified for pid {identity.pid} ({quote(identity.exe_path)}): "
             "the socket was handed to another process; the connection was closed",
             who=member.who(),
         )
@@ -527,7 +528,7 @@ class BrokerCore:
         self.events.count("attaches")
         log.info(
             "attached pid %d uid %d exe %s to channel %r as %s (size %d, generation %d)",
-            identity.pid, identity.uid, identity.exe_path, channel.name, request.role, segment.size, segment.generation,
+            identity.pid, identity.uid, quote(identity.exe_path), channel.name, request.role, segment.size, segment.generation,
         )
         reply = m.Attached(
             channel=channel.name, role=request.role, size=segment.size,

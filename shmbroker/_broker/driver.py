@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from .._escape import quote
 from .._sys import eventfd, fdpass
 from .._sys.peercred import peer_credentials, peer_groups
 from .._sys.sdnotify import Notifier
@@ -509,7 +510,7 @@ class Broker:
         self._by_member[member] = session
         self._apply(evicted)
         identity = member.identity
-        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, identity.exe_path, peer.pidfd_source)
+        log.debug("accepted pid %d uid %d exe %s (%s)", identity.pid, identity.uid, quote(identity.exe_path), peer.pidfd_source)
         # Its hello and first request are usually waiting already: read them
         # now rather than after another turn of the loop.
         self._read(session)

@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 import os
 
+from .._escape import quote
 from .._wire.vocabulary import ROLES as _ROLES
 from ..errors import PermissionDenied
 
@@ -132,7 +133,7 @@ class Policy:
             raise PermissionDenied(self._uid_refusal(identity))
         allowed_exes = sorted({p for r in self.rules if r.executables for p in r.executables.paths})
         raise PermissionDenied(
-            f"permission denied: executable {identity.exe_path} of pid {identity.pid} is not "
+            f"permission denied: executable {quote(identity.exe_path)} of pid {identity.pid} is not "
             f"allowed (allowed executables: {', '.join(allowed_exes)})"
         )
 
@@ -146,7 +147,7 @@ class Policy:
         if any(r.principals.matches(identity) for r in covering):
             exes = sorted({p for r in covering if r.executables for p in r.executables.paths})
             raise PermissionDenied(
-                f"permission denied: executable {identity.exe_path} may not attach to channel "
+                f"permission denied: executable {quote(identity.exe_path)} may not attach to channel "
                 f"{channel!r} as {role} (allowed executables: {', '.join(exes)})"
             )
         if covering:

@@ -10,9 +10,18 @@ import sys
 import time
 from typing import Any
 
+from ._escape import escape, quote
+
 
 class TextFormatter(logging.Formatter):
     """One line per record: ``TIME shmbroker[PID] LEVEL: MESSAGE key=value...``.
+
+    Messages and fields carry what peers control (an executable's file
+    name): whatever is not printable is escaped, so a peer cannot end the
+    line and forge the next one, or hide text from a terminal; a value with
+    a space, ``=``, ``"`` or a backslash is double-quoted, so ``key=value``
+    parses one way only.  Only an exception's traceback, which the broker
+    itself produces, spans more lines.
 
     ``timestamps=False`` leaves out the time and pid, for journald, which
     records both itself (configure() decides from JOURNAL_STREAM)."""
@@ -22,10 +31,10 @@ class TextFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        line = f"{record.levelname.lower()}: {escape(record.getMessage())}"
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={quote(str(v))}" for k, v in fields.items())
         if self.timestamps:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             line = f"{stamp}.{int(record.msecs):03d}Z shmbroker[{record.process}] {line}"

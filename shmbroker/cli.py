@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from . import __version__, errors
+from ._escape import escape
 from ._logging import FORMATS as LOG_FORMATS
 from ._logging import configure as configure_logging
 from ._types import STATUS_SCHEMA, Status
@@ -229,48 +230,59 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def _print_status(status: Status) -> None:
+    # Every string here comes from the broker's reply, and some from peers
+    # (an executable's file name may hold a newline or ANSI escapes): each
+    # is printed escaped (_t), so a peer can neither add lines nor hide any.
     broker = status["broker"]
     up = _fmt_duration(time.time() - broker["started"])
-    print(f"broker {broker['version']}  pid {broker['pid']}  uid {broker['uid']}  up {up}")
-    print(f"  socket {broker['socket']}  policy {broker['policy']}  connections {status['connections']}")
+    print(f"broker {_t(broker['version'])}  pid {_t(broker['pid'])}  uid {_t(broker['uid'])}  up {up}")
+    print(f"  socket {_t(broker['socket'])}  policy {_t(broker['policy'])}  connections {_t(status['connections'])}")
     print("channels:" if status["channels"] else "channels: none")
     for ch in status["channels"]:
-        state = f"generation {ch['generation']}, " + ("live" if ch["live"] else "no segment")
+        state = f"generation {_t(ch['generation'])}, " + ("live" if ch["live"] else "no segment")
         max_message = ch.get("max_message")
         kind = "raw" if not ch.get("ring") else "ring" if max_message is None else f"ring, messages up to {_fmt_size(max_message)}"
-        print(f"  {ch['name']}  {_fmt_size(ch['size'])}  {ch['backend']}  {kind}  ({state})")
+        print(f"  {_t(ch['name'])}  {_fmt_size(ch['size'])}  {_t(ch['backend'])}  {kind}  ({state})")
         for peer in ch["peers"]:
             unit, label = peer.get("unit"), peer.get("label")
-            extra = (f"  unit {unit}" if unit else "") + (f"  label {label}" if label is not None else "")
-            print(f"    {peer['role']:<8} pid {peer['pid']:<7} uid {peer['uid']:<6} {peer['exe']}{extra}")
+            extra = (f"  unit {_t(unit)}" if unit else "") + (f"  label {_t(label)}" if label is not None else "")
+            print(f"    {_t(peer['role']):<8} pid {_t(peer['pid']):<7} uid {_t(peer['uid']):<6} {_t(peer['exe'])}{extra}")
     counters = status["counters"]
-    print("counters: " + (", ".join(f"{k}={v}" for k, v in counters.items()) or "none"))
+    print("counters: " + (", ".join(f"{_t(k)}={_t(v)}" for k, v in counters.items()) or "none"))
     events = status["security_events"]
     print(f"security events: {len(events) or 'none'}")
     for ev in events:
-        who = f"pid {ev['pid']} uid {ev['uid']}" if ev["pid"] is not None else "-"
-        print(f"  {_fmt_time(ev['time'])} {ev['kind']} ({who}): {ev['detail']}")
+        who = f"pid {_t(ev['pid'])} uid {_t(ev['uid'])}" if ev["pid"] is not None else "-"
+        print(f"  {_fmt_time(ev['time'])} {_t(ev['kind'])} ({who}): {_t(ev['detail'])}")
     if "confinement" in status:  # brokers older than this client do not report it
         _print_confinement(status["confinement"])
+
+
+def _t(value: Any) -> str:
+    """One value of the reply as text that stays on its line (see _print_status)."""
+    return escape(str(value))
 
 
 def _print_confinement(c: dict[str, Any]) -> None:
     user, landlock, seccomp = c["user"], c["landlock"], c["seccomp"]
     print("confinement:")
-    print(f"  user      {user['name'] or '?'} (uid {user['euid']}), group {user['group'] or '?'} (gid {user['egid']})")
+    print(
+        f"  user      {_t(user['name'] or '?')} (uid {_t(user['euid'])}), "
+        f"group {_t(user['group'] or '?')} (gid {_t(user['egid'])})"
+    )
     if landlock["state"] == "enforced":
         check = "reading / denied" if landlock["verified"] else "NOT VERIFIED: / is still readable"
-        print(f"  landlock  enforced, ABI {landlock['abi']}, {landlock['rules']} rules ({check})")
+        print(f"  landlock  enforced, ABI {_t(landlock['abi'])}, {_t(landlock['rules'])} rules ({check})")
     else:
-        print(f"  landlock  {landlock['state']}: {landlock['reason']}")
-    own = f", the broker's own allowlist: {seccomp['broker_filter']}" if seccomp["broker_filter"] != "off" else ""
-    print(f"  seccomp   {seccomp['mode_name']} ({seccomp['filters'] or 0} filters{own})")
+        print(f"  landlock  {_t(landlock['state'])}: {_t(landlock['reason'])}")
+    own = f", the broker's own allowlist: {_t(seccomp['broker_filter'])}" if seccomp["broker_filter"] != "off" else ""
+    print(f"  seccomp   {_t(seccomp['mode_name'])} ({_t(seccomp['filters'] or 0)} filters{own})")
     core = c["rlimit_core"]
     print(
-        f"  process   no_new_privs {'on' if c['no_new_privs'] else 'OFF'}, dumpable {c['dumpable']}, "
-        f"RLIMIT_CORE {core['soft']}/{core['hard']}"
+        f"  process   no_new_privs {'on' if c['no_new_privs'] else 'OFF'}, dumpable {_t(c['dumpable'])}, "
+        f"RLIMIT_CORE {_t(core['soft'])}/{_t(core['hard'])}"
     )
-    print(f"  caps      effective: {', '.join(c['capabilities']['effective']) or 'none'}")
+    print(f"  caps      effective: {', '.join(_t(cap) for cap in c['capabilities']['effective']) or 'none'}")
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -13,9 +13,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
-from adversary import HELLO, wait_until
+import pytest
+
+from adversary import HELLO, PYTHON, RawPeer, hello_attach, wait_until, write_config
+from helpers import NOBODY, run_in_child
+from shmbroker import ShmClient
+from shmbroker._broker.driver import TICK_SECONDS
+from shmbroker._layout import HEADER_SIZE
+from shmbroker._wire import messages as m
 from shmbroker.limits import DEFAULT_LIMITS
 
 FLOOD = 300
@@ -51,3 +60,83 @@ def test_a_flood_of_peer_events_cannot_push_the_brokers_own_events_out_of_status
     assert "panic_wipe" in kinds, "the operator's panic event was pushed out by a peer's flood"
     assert kinds.count("identity_changed") <= DEFAULT_LIMITS.refusals_per_uid_burst
     assert status["counters"]["events_suppressed"] >= FLOOD - DEFAULT_LIMITS.refusals_per_uid_burst
+
+
+# -- truncations (found by the second red team) ---------------------------------
+ROUNDS, PER_ROUND = 6, 50  # 300 truncations: more than status keeps of either queue
+
+
+def _truncation_config(tmp: Path) -> str:
+    """Root may use `vault`; nobody may create and produce on `scratch-*`."""
+    return write_config(tmp, f"""
+[broker]
+socket_group = {NOBODY}
+[channels.vault]
+size = 65536
+[status]
+uids = [0]
+[[rules]]
+uids = [0]
+executables = ["{PYTHON}"]
+create = true
+[[rules]]
+uids = [{NOBODY}]
+channels = ["scratch-*"]
+roles = ["producer"]
+create = true
+""")
+
+
+def _truncate_scratch_channels(path: str) -> int:
+    """Round after round: attach to PER_ROUND fresh channels with a raw peer
+    (which keeps the read-write fd), truncate each, keep the connections
+    open past the broker's next tick so it finds every one, then hang up."""
+    done = 0
+    for _ in range(ROUNDS):
+        peers = []
+        for i in range(PER_ROUND):
+            peer = RawPeer(path)
+            peer.send(hello_attach(f"scratch-{i}", size=4096))
+            welcome, reply = peer.reply(), peer.reply()
+            assert isinstance(welcome, m.Welcome) and isinstance(reply, m.Attached), reply
+            os.ftruncate(peer.fds[0], 0)
+            done += 1
+            peers.append(peer)
+        time.sleep(TICK_SECONDS + 0.5)
+        for peer in peers:
+            peer.close()
+    return done
+
+
+def test_a_truncation_flood_cannot_push_a_lease_break_out_of_status(broker_factory: Any, short_tmp: Path) -> None:
+    """Truncations used to be the broker's own events, recorded without a
+    uid and without limit: one uid allowed to create posix channels pushed a
+    real `lease_broken` out of `status` in seconds.  They are now the doing
+    of the uid that held the segment writable, counted against its burst."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to open a segment through /proc and to run the attacker as another uid")
+    broker = broker_factory("--config", _truncation_config(short_tmp))
+    with ShmClient.attach("vault", "producer", socket_path=broker.socket) as holder:
+        holder.buf[:6] = b"SECRET"
+        (fd,) = broker.segment_fds(expect=1)
+        path = f"/proc/{broker.pid}/fd/{fd}"
+        # Root opening the segment behind the broker's back: the open waits
+        # until the broker has wiped it and let go of the lease.
+        assert run_in_child(lambda: os.pread(os.open(path, os.O_RDONLY), 6, HEADER_SIZE)) == bytes(6)
+        wait_until(lambda: broker.events("lease_broken"), what="the lease_broken event")
+    truncated = run_in_child(lambda: _truncate_scratch_channels(broker.socket), uid=NOBODY, gid=NOBODY, timeout=60)
+    assert truncated == ROUNDS * PER_ROUND
+    status = wait_until(
+        lambda: (st := broker.status())["counters"].get("segment_truncated", 0) >= truncated and st,
+        what="every truncation counted",
+    )
+    kinds = [e["kind"] for e in status["security_events"]]
+    assert kinds.count("lease_broken") == 1, "the lease break was pushed out by a peer's truncations"
+    kept = [e for e in status["security_events"] if e["kind"] == "segment_truncated"]
+    burst = DEFAULT_LIMITS.refusals_per_uid_burst
+    assert 0 < len(kept) <= burst
+    assert {e["uid"] for e in kept} == {NOBODY} and all(e["channel"].startswith("scratch-") for e in kept)
+    assert all(f"uid {NOBODY}" in e["detail"] for e in kept)
+    assert status["counters"]["events_suppressed"] >= truncated - burst
+    logged = [line for line in broker.log.read_text().splitlines() if "security event segment_truncated" in line]
+    assert len(logged) == len(kept)

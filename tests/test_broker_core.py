@@ -8,6 +8,7 @@ peers are identities handed in, as the driver hands in verified ones.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import pytest
@@ -381,3 +382,51 @@ def test_refusals_cannot_use_up_the_burst_that_reports_an_exec() -> None:
     kinds = [e.kind.value for e in core.events.events]
     assert kinds.count("request_refused") == core.limits.refusals_per_uid_burst
     assert "identity_changed" in kinds, kinds
+
+
+# -- truncation is a peer's doing ---------------------------------------------
+def _truncate_and_check(core: c.BrokerCore, channel: str) -> list[c.Action]:
+    segment = core.channels[channel].segment
+    assert segment is not None and segment.backend == "posix"
+    os.ftruncate(segment.fd, 0)  # what a peer holding the read-write fd can do
+    return run(core, core.check_segments())
+
+
+def test_a_truncation_is_charged_to_the_uid_that_could_write_and_rate_limited() -> None:
+    core, _, clock = make_core(refusals_per_uid_burst=3, refusal_window=10.0)
+    run(core, core.panic())  # one of the broker's own events, to be kept whatever peers do
+    attacker = join(core, uid=2000)
+    for _ in range(5):  # each attach gets a fresh generation, truncated again
+        reply = attach(core, attacker, "scratch", size=4096)
+        assert isinstance(reply, m.Attached), reply
+        _truncate_and_check(core, "scratch")
+        assert core.check_segments() == [], "a second event for the same generation"
+        leave(core, attacker)
+        attacker = join(core, uid=2000)
+    truncations = [e for e in core.events.events if e.kind.value == "segment_truncated"]
+    assert [(e.uid, e.channel) for e in truncations] == [(2000, "scratch")] * 3
+    assert all("uid 2000" in e.detail for e in truncations)
+    counters = core.status()["counters"]
+    assert counters["segment_truncated"] == 5 and counters["events_suppressed"] == 2
+    assert [e.kind.value for e in core.events.events].count("panic_wipe") == 1
+    clock.now += 11
+    core.refusal_summaries(clock.now)
+    assert core.events.events[-1].kind.value == "refusals_suppressed" and core.events.events[-1].uid == 2000
+
+
+def test_a_truncation_of_a_shared_segment_names_every_uid_that_held_it_writable() -> None:
+    core, _, _ = make_core(refusals_per_uid_burst=2, refusal_window=10.0)
+    producer, consumer, bystander = join(core, uid=1000), join(core, uid=2000), join(core, uid=1000)
+    attach(core, producer, "ch", size=4096)
+    attach(core, consumer, "ch", role="consumer")  # posix: consumers hold the read-write fd too
+    run(core, core.leave(consumer, recheck_identity=False))  # gone, but it may still hold the fd
+    consumer.charge.release()
+    _truncate_and_check(core, "ch")
+    (event,) = core.events.events
+    assert event.kind.value == "segment_truncated" and event.uid is None and event.channel == "ch"
+    assert f"pid {producer.identity.pid} uid 1000" in event.detail and f"pid {consumer.identity.pid} uid 2000" in event.detail
+    # Charged to both uids: uid 2000 has one event of its burst left, uid 1000 too.
+    attach(core, bystander, "ch", size=4096)
+    _truncate_and_check(core, "ch")
+    assert [e.uid for e in core.events.events] == [None, 1000]
+    assert core.refusals.limited(1000, 100.0) and not core.refusals.limited(2000, 100.0)

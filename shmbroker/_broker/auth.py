@@ -28,6 +28,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from .._escape import quote
 from .._sys import peercred, pidfd
 from .inspector import ExeInspector, InspectorError, Inspection, cgroup2_mount, inspect
 from .policy import Identity
@@ -237,12 +238,12 @@ def _cgroup_identity(probe_id: int | None, stat: Inspection, pid: int) -> tuple[
     if stat.cgroup_ino is None:
         if cgroup2_mount() is None:
             return cgroup, probe_id
-        log.info("cgroup %s of pid %d cannot be checked against its cgroup id %d; counted as unknown", cgroup, pid, probe_id)
+        log.info("cgroup %s of pid %d cannot be checked against its cgroup id %d; counted as unknown", quote(cgroup or ""), pid, probe_id)
         return None, probe_id
     if stat.cgroup_ino != probe_id:
         raise AuthError(
             f"peer pid {pid} moved to another cgroup while it was being verified "
-            f"(cgroup id {probe_id} before, {cgroup} with id {stat.cgroup_ino} after); connect again"
+            f"(cgroup id {probe_id} before, {quote(cgroup or '')} with id {stat.cgroup_ino} after); connect again"
         )
     return cgroup, probe_id
 
@@ -334,13 +335,13 @@ def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:
     identity = peer.identity
     if now != identity.exe:
         return (
-            f"pid {pid} now runs {stat.path} (dev {now[0]}, inode {now[1]}), "
-            f"not {identity.exe_path} it was admitted with"
+            f"pid {pid} now runs {quote(stat.path)} (dev {now[0]}, inode {now[1]}), "
+            f"not {quote(identity.exe_path)} it was admitted with"
         )
     # A peer moved to another cgroup while connected may now be in one no
     # rule admits: as for an exec, what it held is revoked.
     if identity.cgroup is not None and stat.cgroup != identity.cgroup:
-        return f"pid {pid} is now in cgroup {stat.cgroup or 'unknown'}, not {identity.cgroup} it was admitted in"
+        return f"pid {pid} is now in cgroup {quote(stat.cgroup or 'unknown')}, not {quote(identity.cgroup)} it was admitted in"
     if identity.cgroup_id is not None and now_id is not None and now_id != identity.cgroup_id:
-        return f"pid {pid} is now in cgroup id {now_id}, not {identity.cgroup_id} it was admitted in ({identity.cgroup})"
+        return f"pid {pid} is now in cgroup id {now_id}, not {identity.cgroup_id} it was admitted in ({quote(identity.cgroup or '')})"
     return None

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._escape import quote
 from .._layout import FLAG_RING, LAYOUT_VERSION
 from .._ring import layout as ring_layout
 from .._ring.broker import RingState
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 RING_FDS = 4 + ring_layout.MAX_CONSUMERS
 # A member's own fds, held by the driver: its socket and the pidfd pinning its peer.
 SESSION_FDS = 2
+# Peers a truncation event names per uid that held the segment writable.
+# The uid is what the event is charged to; the pids only help the operator,
+# so a uid attaching from ever new processes cannot grow the list.
+WRITERS_KEPT_PER_UID = 4
 
 
 
@@ -115,10 +120,18 @@ class Channel:
         self.revoked_members: set[Member] = set()
         # Attach requests waiting for the segment's pages to be reserved.
         self.waiting: list[tuple[Member, m.Attach]] = []
+        # Everyone handed a read-write fd of the current segment, by uid: who
+        # can have truncated it.  Kept after they detach, since the fd stays
+        # theirs; reset with each new segment.
+        self.writers: dict[int, list[Who]] = {}
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def add_writer(self, uid: int, who: Who) -> None:
+        kept = [w for w in self.writers.get(uid, []) if w.pid != who.pid]
+        self.writers[uid] = [*kept, who][-WRITERS_KEPT_PER_UID:]
 
 
 # -- actions: what the driver is to do --------------------------------------------
@@ -365,13 +378,24 @@ class BrokerCore:
                 ]
         return actions
 
-    def peer_event(self, kind: EventKind, detail: str, *, who: Who) -> None:
+    def peer_event(self, kind: EventKind, detail: str, *, who: Who, uids: tuple[int, ...] | None = None) -> None:
         """Record an event a peer caused (logged at warning), within its uid's
-        burst; past it, only count it."""
+        burst; past it, only count it.
+
+        ``uids``: the event may be any of these uids' doing (who.uid then
+        None): it counts against each one's burst, and is only counted once
+        any of them has spent its own."""
         limiter = self.identity_events if kind is EventKind.IDENTITY_CHANGED else self.refusals
-        if who.uid is None or limiter.allow(who.uid, self._clock()):
+        charged = uids if uids is not None else () if who.uid is None else (who.uid,)
+        now = self._clock()
+        limited = [uid for uid in charged if limiter.limited(uid, now)]
+        if not limited:
+            for uid in charged:
+                limiter.allow(uid, now)
             self.events.record(kind, detail, who=who)
         else:
+            for uid in limited:
+                limiter.note_dropped(uid, now)
             self.events.count(kind.value)
             self.events.count("events_suppressed")
 
@@ -420,7 +444,7 @@ class BrokerCore:
         who = f"pid {sender}" if sender > 0 else "a process outside the broker's pid namespace"
         self.peer_event(
             EventKind.IDENTITY_CHANGED,
-            f"{who} wrote on the connection verified for pid {identity.pid} ({identity.exe_path}): "
+            f"{who} wrote on the connection verified for pid {identity.pid} ({quote(identity.exe_path)}): "
             "the socket was handed to another process; the connection was closed",
             who=member.who(),
         )
@@ -539,6 +563,8 @@ class BrokerCore:
                 self._release_segment(channel)
             raise
         channel.members.add(member)
+        if not read_only:
+            channel.add_writer(member.uid, member.who(channel=channel.name, role=request.role))
         member.channel, member.segment, member.role, member.ring = channel, segment, request.role, ring
         member.attachment_charge = attachment_charge
         member.attached_at = self._wall_clock()
@@ -548,7 +574,7 @@ class BrokerCore:
         # in status keep the totals; refusals stay warnings).
         log.debug(
             "attached pid %d uid %d exe %s to channel %r as %s (size %d, generation %d)",
-            identity.pid, identity.uid, identity.exe_path, channel.name, request.role, segment.size, segment.generation,
+            identity.pid, identity.uid, quote(identity.exe_path), channel.name, request.role, segment.size, segment.generation,
         )
         reply = m.Attached(
             channel=channel.name, role=request.role, size=segment.size,
@@ -650,6 +676,7 @@ class BrokerCore:
         self._segment_charges[segment] = charge
         channel.generation = segment.generation
         channel.segment = segment
+        channel.writers = {}
         self.events.count("segments_created")
         if segment.ready:
             return []
@@ -839,33 +866,57 @@ class BrokerCore:
             del self.channels[channel.name]
 
     def check_segments(self) -> list[Action]:
-        """Each tick, and at once on SIGIO: truncated posix segments and broken leases."""
+        """Each tick, and at once on SIGIO: truncated posix segments and broken leases.
+
+        Either revokes the segment, so each generation is reported at most
+        once.  Both are checked: a peer's truncation must not hide an
+        outsider's open."""
         actions: list[Action] = []
         for channel in list(self.channels.values()):
             segment = channel.segment
             if segment is None:
                 continue
-            if segment.truncated():
+            truncated = segment.truncated()
+            lease_broken = not segment.lease_intact()
+            if not (truncated or lease_broken):
+                continue
+            where = f"segment of channel {channel.name!r} (generation {segment.generation})"
+            if truncated:
                 # A peer ftruncate()d an unsealable (posix) segment.  The wipe
                 # restores the size, so peers that have not touched the
                 # mapping yet see a revoked segment instead of SIGBUS.
-                kind, detail = EventKind.SEGMENT_TRUNCATED, (
-                    "was truncated by a peer holding it; size restored, wiped and revoked "
-                    '(use backend = "memfd" to seal it)'
-                )
-            elif not segment.lease_intact():
+                self._truncated(channel, where)
+            if lease_broken:
                 # Someone open()ed the unlinked object (root through
                 # /proc/PID/fd/N).  The wipe comes before the lease is
                 # released: the opener's open() is blocked until then, so it sees zeros.
-                kind, detail = EventKind.LEASE_BROKEN, "was opened or truncated by another process; wiped and revoked"
-            else:
-                continue
-            self.events.record(
-                kind, f"segment of channel {channel.name!r} (generation {segment.generation}) {detail}",
-                channel=channel.name,
-            )
+                self.events.record(
+                    EventKind.LEASE_BROKEN, f"{where} was opened or truncated by another process; wiped and revoked",
+                    channel=channel.name,
+                )
             self._revoke(channel, actions=actions)
         return actions
+
+    def _truncated(self, channel: Channel, where: str) -> None:
+        """Only a peer handed the read-write fd can have done it (ftruncate
+        on an fd does not break the lease; anyone else must open the object,
+        which does): the event is theirs, counted against their uids' bursts
+        like any other event a peer causes.  The broker cannot tell which of
+        several holders did it, so it names them all."""
+        holders = [w for kept in channel.writers.values() for w in kept]
+        uids = tuple(sorted(channel.writers))
+        if len(holders) == 1:
+            who = holders[0]
+        else:
+            who = Who(uid=uids[0] if len(uids) == 1 else None, channel=channel.name)
+        names = ", ".join(f"pid {w.pid} uid {w.uid}" for w in holders[:8])
+        names += f" and {len(holders) - 8} more" if len(holders) > 8 else ""
+        self.peer_event(
+            EventKind.SEGMENT_TRUNCATED,
+            f"{where} was truncated by a peer holding it writable ({names or 'none known'}); size restored, "
+            'wiped and revoked (use backend = "memfd" to seal it)',
+            who=who, uids=uids,
+        )
 
     def refusal_summaries(self, now: float) -> None:
         """One event per uid whose burst ran out in a window that ended."""

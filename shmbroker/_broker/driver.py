@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from .._escape import quote
 from .._sys import eventfd, fdpass
 from .._sys.peercred import peer_credentials, peer_groups
 from .._sys.sdnotify import Notifier
@@ -518,8 +519,8 @@ class Broker:
         self._apply(evicted)
         identity = member.identity
         log.debug(
-            "accepted pid %d uid %d exe %s cgroup %s label %s (%s)",
-            identity.pid, identity.uid, identity.exe_path, identity.cgroup, identity.label, peer.pidfd_source,
+            "accepted pid %d uid %d exe %s cgroup %s label %s (%s)", identity.pid, identity.uid,
+            quote(identity.exe_path), quote(identity.cgroup or ""), quote(identity.label or ""), peer.pidfd_source,
         )
         # Its hello and first request are usually waiting already: read them
         # now rather than after another turn of the loop.

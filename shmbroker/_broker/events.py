@@ -51,12 +51,15 @@ class SecurityEvent:
         return out
 
 
-# Kinds a peer causes by what it sends (so a peer can cause many of them);
-# the broker rate-limits them per uid.  The others (a lease broken, a
-# segment truncated or not wiped, a panic) are kept apart, so no flood of a
-# peer's events can push them out of `status`.
+# Kinds a peer causes (so a peer can cause many of them): the broker
+# rate-limits them per uid.  A truncation is one: only a peer holding the
+# segment's read-write fd can shrink it, and it can do so again on every
+# fresh generation.  The others (a lease broken, a segment not wiped, a
+# panic) are kept apart, so no flood of a peer's events can push them out of
+# `status`.
 PEER_KINDS = frozenset({
     EventKind.PEER_REJECTED, EventKind.REQUEST_REFUSED, EventKind.IDENTITY_CHANGED, EventKind.REFUSALS_SUPPRESSED,
+    EventKind.SEGMENT_TRUNCATED,
 })
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import os
 
+from .._escape import quote
 from .._wire.vocabulary import ROLES as _ROLES
 from ..errors import PermissionDenied
 
@@ -253,13 +254,14 @@ class Policy:
 
 def describe(identity: Identity, key: str) -> str:
     """The peer's value for a rule key, as refusals name it."""
+    # Quoted: every one of these is a name the peer may have chosen.
     if key == "executables":
-        return f"executable {identity.exe_path}"
+        return f"executable {quote(identity.exe_path)}"
     if key == "units":
-        return f"unit {identity.unit or '(none)'} (cgroup {identity.cgroup or 'unknown'})"
+        return f"unit {quote(identity.unit) if identity.unit else '(none)'} (cgroup {quote(identity.cgroup) if identity.cgroup else 'unknown'})"
     if key == "cgroups":
-        return f"cgroup {identity.cgroup or 'unknown'}"
-    return f"label {identity.label if identity.label is not None else '(none)'}"
+        return f"cgroup {quote(identity.cgroup) if identity.cgroup else 'unknown'}"
+    return f"label {quote(identity.label) if identity.label is not None else '(none)'}"
 
 
 def _refusal(identity: Identity, rules: list[Rule]) -> tuple[str, str]:

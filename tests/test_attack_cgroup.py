@@ -608,3 +608,60 @@ def test_a_peer_outside_the_broker_cgroup_namespace_has_no_cgroup() -> None:
     assert syscgroup.cgroup_directory(("/sys/fs/cgroup", "/sub"), "/other/x") is None
     assert syscgroup.cgroup_directory(("/sys/fs/cgroup", "/sub"), "/sub/x") == "/sys/fs/cgroup/x"
 
+
+
+def _named_v1_hierarchy() -> Path | None:
+    """A mounted cgroup v1 hierarchy with no controllers (name=systemd on a
+    hybrid system): where systemd delegates a subtree to each user."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup" and any(o.startswith("name=") for o in fields[sep + 3].split(",")):
+                return Path(fields[4])
+    return None
+
+
+def test_a_v1_cgroup_named_like_a_cgroup2_line_cannot_forge_the_peers_cgroup() -> None:
+    """Found by the red team: the kernel refuses a newline in a cgroup name
+    but not a carriage return, and hybrid systems hand each user a v1 subtree
+    of their own.  A cgroup named ``x\\r0::/system.slice/camera.service``
+    there put a second ``0::`` "line" in the peer's /proc/PID/cgroup, ahead
+    of the real one, and a parser splitting at every line break took it:
+    judged by path, the peer was admitted by ``units = ["camera.service"]``."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create cgroups")
+    v1 = _named_v1_hierarchy()
+    if v1 is None:
+        pytest.skip("no named cgroup v1 hierarchy here (a pure cgroup2 system has no such lines at all)")
+    top = v1 / f"shmbtest-{uuid.uuid4().hex[:8]}"
+    forged = top / "x\r0::" / "system.slice" / "camera.service"
+    try:
+        forged.mkdir(parents=True)
+    except OSError as exc:
+        pytest.skip(f"{v1} is not writable here ({exc.strerror})")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (forged / "cgroup.procs").write_text(str(child.pid))
+        raw = Path(f"/proc/{child.pid}/cgroup").read_bytes()
+        assert b"\r0::/system.slice/camera.service" in raw, raw  # what the kernel shows
+        assert syscgroup.process_cgroup(child.pid) == syscgroup.process_cgroup(os.getpid())  # the real one, inherited
+    finally:
+        child.kill()
+        child.wait()
+        for directory in (forged, forged.parent, forged.parent.parent, top):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+def test_a_cgroup_file_without_one_whole_cgroup2_line_is_unknown() -> None:
+    """Two ``0::`` lines cannot both be true, and the kernel cuts a path of
+    PATH_MAX without saying so (a prefix a pattern might match): unknown."""
+    parse = syscgroup.parse_cgroup_file
+    assert parse(b"1:name=systemd:/user.slice\n0::/system.slice/camera.service\n") == "/system.slice/camera.service"
+    assert parse(b"0::/a.service\n0::/b.service\n") is None
+    assert parse(b"0::/" + b"a" * (syscgroup.MAX_PATH - 1) + b"\n") is None
+    assert parse(b"0::/" + b"a" * (syscgroup.MAX_PATH - 2) + b"\n") is not None
+    assert parse(b"1:name=systemd:/u/x\r0::/system.slice/camera.service\n0::/user.slice/s.scope\n") == "/user.slice/s.scope"

@@ -57,12 +57,28 @@ def process_cgroup(pid: int) -> str | None:
             data += chunk
     finally:
         os.close(fd)
-    for line in data.decode("utf-8", "surrogateescape").splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            return path
-    return None
+    return parse_cgroup_file(data)
+
+
+# The kernel renders a cgroup path into a PATH_MAX buffer and cuts a longer
+# one without saying so (6.18): a path this long may be a prefix of the
+# real one, which a pattern could match when the whole path would not.
+MAX_PATH = 4095
+
+
+def parse_cgroup_file(data: bytes) -> str | None:
+    """The ``0::`` path of a /proc/PID/cgroup text, or None if there is no
+    single, whole one.
+
+    Lines end at ``\n`` only: the kernel refuses a newline in a cgroup name,
+    but not ``\r`` or other characters str.splitlines() also splits at, so a
+    process owning a v1 cgroup (hybrid systems delegate one per user) could
+    name it ``x\r0::/system.slice/camera.service`` and forge a line that way.
+    Two ``0::`` lines, or a path that may have been cut, are unknown."""
+    found = [line[3:] for line in data.split(b"\n") if line.startswith(b"0::")]
+    if len(found) != 1 or len(found[0]) >= MAX_PATH:
+        return None
+    return found[0].decode("utf-8", "surrogateescape")
 
 
 def cgroup_directory(mount: tuple[str, str], path: str) -> str | None:

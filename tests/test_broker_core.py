@@ -167,8 +167,11 @@ def test_a_big_segment_parks_the_attach_until_its_pages_are_reserved() -> None:
     waiting = join(core)
     assert core.request(waiting, m.Attach(channel="big", role="consumer")) == [] and waiting.parked
     replies = run(core, actions)
-    assert {a.member for a in replies if isinstance(a, c.Send) and isinstance(a.message, m.Attached)} == {producer, waiting}
+    attached = [a for a in replies if isinstance(a, c.Send) and isinstance(a.message, m.Attached)]
+    assert {a.member for a in attached} == {producer, waiting}
     assert not producer.parked and not waiting.parked
+    # Answered turns after they asked: each peer is checked again before its fds go out.
+    assert all(a.reverify for a in attached)
 
 
 def test_the_greediest_uids_oldest_handshake_is_evicted() -> None:

@@ -144,9 +144,9 @@ class Send:
     message: m.Message
     fds: tuple[int, ...] = ()
     charge: Charge | None = None
-    # The answer to a request held since an earlier turn (attach wait=):
-    # the peer may have exec()ed another binary on the connection meanwhile,
-    # so its executable is checked again before the fds go out.
+    # The answer to a request held since an earlier turn (attach wait=, or
+    # a new segment's pages): the peer may have exec()ed another binary on
+    # the connection meanwhile, so it is checked again before the fds go out.
     reverify: bool = False
 
 
@@ -372,11 +372,17 @@ class BrokerCore:
                 # Its handshake clock starts again: a refusal now is answered
                 # like any other, not followed by a handshake timeout.
                 member.accepted_at = self._clock()
-                actions += [
-                    dataclasses.replace(a, reverify=True) if isinstance(a, Send) and a.member is member and a.fds else a
-                    for a in self.request(member, request)
-                ]
+                actions += self._answer_late(member, request)
         return actions
+
+    def _answer_late(self, member: Member, request: m.Attach) -> list[Action]:
+        """Answer a request held since an earlier turn (wait=, or a new
+        segment's pages): its fds go out only after a fresh check of the
+        peer, which may have exec()ed another binary meanwhile."""
+        return [
+            dataclasses.replace(a, reverify=True) if isinstance(a, Send) and a.member is member and a.fds else a
+            for a in self.request(member, request)
+        ]
 
     def peer_event(self, kind: EventKind, detail: str, *, who: Who, uids: tuple[int, ...] | None = None) -> None:
         """Record an event a peer caused (logged at warning), within its uid's
@@ -696,7 +702,7 @@ class BrokerCore:
         while channel.waiting and channel.segment is segment:
             member, request = channel.waiting.pop(0)
             member.parked = False
-            actions += self.request(member, request)
+            actions += self._answer_late(member, request)
         if channel.segment is segment and not channel.members and not channel.waiting:
             self._release_segment(channel, actions=actions)
         return True, actions

@@ -35,6 +35,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -242,6 +243,18 @@ core_get(Core *c, int which, PyObject *obj, int writable, Py_ssize_t min_len, co
 
 /* Called at the start of every operation: 0 to go on, 1 if the core is
  * closed (the Python path then says so), -1 with an exception. */
+/* A callback into the Python side, or an error: NULL before __init__ wired
+ * it (an object made with __new__ alone) or once deleted, None where unset.
+ * CB for functions returning an object, CBI for those returning -1. */
+#define CB_CHECK(f, fail) ({ PyObject *cb_ = (f); \
+    if (cb_ == NULL || cb_ == Py_None) { \
+        PyErr_SetString(PyExc_RuntimeError, "ring endpoint is not set up: its Python side is missing"); \
+        return fail; \
+    } \
+    cb_; })
+#define CB(f) CB_CHECK(f, NULL)
+#define CBI(f) CB_CHECK(f, -1)
+
 static int
 core_enter(Core *c)
 {
@@ -279,7 +292,8 @@ copy(void *dst, const void *src, size_t n)
 static int
 core_check_geometry(Core *c, unsigned long long data_size, unsigned long long max_message)
 {
-    if (data_size < PAGE || data_size % 8 || data_size > (uint64_t)c->buf[B_DATA].len ||
+    /* data_size at most 2^32, as layout.MAX_DATA_SIZE: a PAD's 32-bit length must hold the rest of the area. */
+    if (data_size < PAGE || data_size % 8 || data_size > (uint64_t)c->buf[B_DATA].len || data_size > (UINT64_C(1) << 32) ||
         max_message == 0 || max_message > (UINT64_C(1) << 31) ||
         RECORD_HEADER + ALIGN8(max_message) > data_size) {
         PyErr_SetString(PyExc_ValueError, "ring geometry does not fit its data area");
@@ -582,11 +596,11 @@ producer_after_publish(Producer *p)
         }
         return 0;
     }
-    if (p->wake == Py_None)
+    if (p->wake == NULL || p->wake == Py_None)
         return 0;
     for (int slot = 0; slot < MAX_CONSUMERS; slot++) {
         if ((sleeping >> (8 * slot)) & 0xFF) {
-            PyObject *r = PyObject_CallFunction(p->wake, "i", slot);
+            PyObject *r = PyObject_CallFunction(CBI(p->wake), "i", slot);
             if (r == NULL)
                 return -1;
             Py_DECREF(r);
@@ -670,7 +684,7 @@ producer_fits(Producer *p, uint64_t end)
         return 1;
     if (producer_rescan(p))
         return end <= p->limit;
-    PyObject *r = PyObject_CallNoArgs(p->rescan);
+    PyObject *r = PyObject_CallNoArgs(CBI(p->rescan));
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -681,6 +695,13 @@ static int
 producer_pad(Producer *p)
 {
     uint64_t w = p->w, pos = w % p->core.data_size, pad = p->core.data_size - pos;
+    /* A PAD's header must fit before the end, as producer_write checks for
+     * records: w is ours and kept aligned, but a bad one must not write past
+     * the data area. */
+    if (pad < RECORD_HEADER || pad - RECORD_HEADER > UINT32_MAX) {
+        PyErr_SetString(PyExc_RuntimeError, "ring producer index out of step with the data area");
+        return -1;
+    }
     producer_reserve_to(p, w + pad);
     write_header((char *)p->core.buf[B_DATA].buf + pos, (uint32_t)(pad - RECORD_HEADER), KIND_PAD);
     return producer_publish(p, w + pad);
@@ -771,13 +792,13 @@ producer_try_send(Producer *p, PyObject *data)
     if (e < 0)
         return NULL;
     if (e > 0)
-        return PyObject_CallOneArg(p->slow_try_send, data);
+        return PyObject_CallOneArg(CB(p->slow_try_send), data);
     int r = producer_send_object(p, data);
     core_leave(&p->core);
     switch (r) {
     case SENT: Py_RETURN_TRUE;
     case FULL: Py_RETURN_FALSE;
-    case ASK_PYTHON: return PyObject_CallOneArg(p->slow_try_send, data);
+    case ASK_PYTHON: return PyObject_CallOneArg(CB(p->slow_try_send), data);
     default: return NULL;
     }
 }
@@ -820,7 +841,7 @@ producer_send(Producer *p, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         Py_RETURN_NONE;
     if (r == FAILED)
         return NULL;
-    return PyObject_CallFunctionObjArgs(p->slow_send, args[0], timeout, NULL);
+    return PyObject_CallFunctionObjArgs(CB(p->slow_send), args[0], timeout, NULL);
 }
 
 /* As many of items[start:] as fit; sets *stop to ASK_PYTHON when an item
@@ -943,15 +964,16 @@ producer_try_send_many(Producer *p, PyObject *const *args, Py_ssize_t nargs)
     if (e < 0)
         return NULL;
     if (e > 0)
-        return PyObject_CallFunctionObjArgs(p->slow_try_send_many, args[0], args[1], NULL);
+        return PyObject_CallFunctionObjArgs(CB(p->slow_try_send_many), args[0], args[1], NULL);
     int stop;
     Py_ssize_t count = start < 0 ? 0 : producer_many(p, args[0], start, &stop);
     core_leave(&p->core);
     if (start < 0 || stop == ASK_PYTHON) {
+        PyObject *slow = CB(p->slow_try_send_many);
         PyObject *next = PyLong_FromSsize_t((start < 0 ? start : start + count));
         if (next == NULL)
             return NULL;
-        PyObject *more = PyObject_CallFunctionObjArgs(p->slow_try_send_many, args[0], next, NULL);
+        PyObject *more = PyObject_CallFunctionObjArgs(slow, args[0], next, NULL);
         Py_DECREF(next);
         if (more == NULL)
             return NULL;
@@ -974,6 +996,7 @@ producer_send_many(Producer *p, PyObject *const *args, Py_ssize_t nargs, PyObjec
     PyObject *timeout;
     if (parse_timeout("send_many", args, nargs, kwnames, 1, &timeout) < 0)
         return NULL;
+    PyObject *slow = CB(p->slow_send_many);  /* checked before anything needs releasing */
     PyObject *batch = PyList_Check(args[0]) ? Py_NewRef(args[0]) : PySequence_List(args[0]);
     if (batch == NULL)
         return NULL;
@@ -995,7 +1018,7 @@ producer_send_many(Producer *p, PyObject *const *args, Py_ssize_t nargs, PyObjec
         out = PyLong_FromSsize_t(count);
     else {
         PyObject *done = PyLong_FromSsize_t(count);
-        out = done ? PyObject_CallFunctionObjArgs(p->slow_send_many, batch, done, timeout, NULL) : NULL;
+        out = done ? PyObject_CallFunctionObjArgs(slow, batch, done, timeout, NULL) : NULL;
         Py_XDECREF(done);
     }
     Py_DECREF(batch);
@@ -1125,6 +1148,11 @@ py_sleep(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         double t = PyFloat_AsDouble(args[1]);
         if (t == -1.0 && PyErr_Occurred())
             return NULL;
+        if (isnan(t)) {
+            /* (int)NaN is undefined (INT_MIN here): poll() would wait forever. */
+            PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds, not NaN");
+            return NULL;
+        }
         /* Rounded up, as _sys/eventfd.wait: never wake before the deadline. */
         double m = t * 1000.0 + 0.999;
         ms = m <= 0 ? 0 : (m >= (double)INT32_MAX ? INT32_MAX : (int)m);
@@ -1304,7 +1332,7 @@ consumer_publish(Consumer *c)
     if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_fd >= 0) {
         eventfd_signal(c->wake_fd);
     } else if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_producer != Py_None) {
-        PyObject *r = PyObject_CallNoArgs(c->wake_producer);
+        PyObject *r = PyObject_CallNoArgs(CBI(c->wake_producer));
         if (r == NULL)
             return -1;
         Py_DECREF(r);
@@ -1319,6 +1347,11 @@ static inline int
 consumer_intact(Consumer *c, uint64_t from)
 {
     atomic_thread_fence(memory_order_acquire);
+    /* Closed by another thread while a large copy ran without the GIL: the
+     * mapping is now private zero pages, under which the revoked word and
+     * the reserve index read as zeros too, so they cannot tell; this can. */
+    if (c->core.closed)
+        return 0;
     if (load_relaxed(&c->core.buf[B_HEADER], OFF_REVOKED))
         return 0;
     return load_relaxed(&c->core.buf[B_INDEX], OFF_RESERVE) <= from + c->core.data_size;
@@ -1416,6 +1449,7 @@ consumer_take(Consumer *c, Py_buffer *into, int *ask)
         return NULL;
     }
     const char *src = (const char *)c->core.buf[B_DATA].buf + pos;
+    uint64_t r = c->r;  /* the record's index, as it was when we chose it */
     PyObject *out;
     if (into == NULL) {
         out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
@@ -1428,7 +1462,6 @@ consumer_take(Consumer *c, Py_buffer *into, int *ask)
     }
     /* Copy first, then check: a record that raced with a wipe or an
      * overwrite is never returned (the reference path then raises). */
-    uint64_t r = c->r;
     if (!consumer_intact(c, r)) {
         Py_XDECREF(out);
         *ask = 1;
@@ -1493,7 +1526,7 @@ consumer_take_py(Consumer *c, PyObject *const *args, Py_ssize_t nargs)
     if (out == NULL && ask == ASK_EMPTY)
         Py_RETURN_NONE;  /* what the reference returns, without asking it */
     if (out == NULL && ask)
-        return PyObject_CallOneArg(c->slow_take, into);
+        return PyObject_CallOneArg(CB(c->slow_take), into);
     return out;
 }
 
@@ -1508,7 +1541,7 @@ consumer_recv(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     int ask;
     PyObject *out = consumer_take_obj(c, Py_None, &ask, 1);
     if (out == NULL && ask)
-        return PyObject_CallOneArg(c->slow_recv, timeout);
+        return PyObject_CallOneArg(CB(c->slow_recv), timeout);
     return out;
 }
 
@@ -1523,7 +1556,7 @@ consumer_recv_into(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     int ask;
     PyObject *out = consumer_take_obj(c, args[0], &ask, 1);
     if (out == NULL && ask)
-        return PyObject_CallFunctionObjArgs(c->slow_recv_into, args[0], timeout, NULL);
+        return PyObject_CallFunctionObjArgs(CB(c->slow_recv_into), args[0], timeout, NULL);
     return out;
 }
 
@@ -1593,10 +1626,14 @@ consumer_many_obj(Consumer *c, PyObject *count_obj, Py_ssize_t *max_count, int *
     *max_count = PyLong_AsSsize_t(count_obj);
     if (*max_count == -1 && PyErr_Occurred())
         return NULL;
+    /* Before core_enter: returning between it and core_leave would leave
+     * the endpoint marked busy for good. */
+    if (*max_count < 1)
+        return PyList_New(0);
     int e = (c->core.held & (1 << B_CURSOR)) ? core_enter(&c->core) : 1;
     if (e < 0)
         return NULL;
-    if (e > 0 || *max_count < 1)
+    if (e > 0)
         return PyList_New(0);
     PyObject *out = consumer_many(c, *max_count, empty);
     if (out != NULL && *empty && spin && consumer_spin(c)) {
@@ -1620,7 +1657,7 @@ consumer_try_recv_many(Consumer *c, PyObject *count)
     if (empty)
         return out;  /* what the reference returns, without asking it */
     Py_DECREF(out);
-    return PyObject_CallOneArg(c->slow_try_recv_many, count);
+    return PyObject_CallOneArg(CB(c->slow_try_recv_many), count);
 }
 
 PyDoc_STRVAR(consumer_recv_many_doc,
@@ -1638,7 +1675,7 @@ consumer_recv_many(Consumer *c, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (out == NULL || PyList_GET_SIZE(out) > 0)
         return out;
     Py_DECREF(out);
-    return PyObject_CallFunctionObjArgs(c->slow_recv_many, args[0], timeout, NULL);
+    return PyObject_CallFunctionObjArgs(CB(c->slow_recv_many), args[0], timeout, NULL);
 }
 
 PyDoc_STRVAR(consumer_has_data_doc, "True if a record (or a revocation) is waiting; raises on a corrupt write index.");
@@ -1653,7 +1690,7 @@ consumer_has_data(Consumer *c, PyObject *Py_UNUSED(ignored))
         Py_RETURN_TRUE;
     uint64_t w = load_acquire(&k->buf[B_INDEX], OFF_WRITE);
     if (w < c->r || w % 8 || w - c->r > k->data_size)
-        return PyObject_CallNoArgs(c->slow_has_data);
+        return PyObject_CallNoArgs(CB(c->slow_has_data));
     c->wc = w;
     if (w != c->r || load_relaxed(&k->buf[B_HEADER], OFF_REVOKED))
         Py_RETURN_TRUE;

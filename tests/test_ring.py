@@ -342,3 +342,70 @@ def test_closing_an_attachment_while_another_thread_copies_a_large_message_is_sa
         helper.join(10)
         assert not worker.is_alive(), "the copying thread wedged after close()"
         assert outcome, "the copying thread died without an outcome"
+
+
+def test_asking_for_no_messages_is_refused_and_leaves_the_consumer_usable(broker: Any) -> None:
+    """Found by a red team: in the C core, recv_many(0) returned between
+    marking the endpoint busy and unmarking it, and every later call said the
+    endpoint was used by two threads at once."""
+    with producer(broker, "zero") as p, attach(broker, "consumer", "zero") as c:
+        try:
+            assert c.recv_many(0, timeout=0.1) == []
+        except ValueError:
+            pass  # refusing to wait for no messages is as good an answer
+        p.send(b"still here")
+        assert c.recv(timeout=5) == b"still here"
+
+
+def test_a_nan_timeout_is_refused_not_slept_on_forever(broker: Any) -> None:
+    """(int)NaN in C is undefined (INT_MIN here), which poll() took as
+    'forever': a NaN timeout is a ValueError, as a negative one is."""
+    with producer(broker, "nan"), attach(broker, "consumer", "nan") as c:
+        with pytest.raises(ValueError, match="timeout"):
+            c.recv(timeout=float("nan"))  # nothing queued: it would have to wait
+
+
+def test_a_message_copied_while_another_thread_closes_is_never_returned_torn(broker: Any) -> None:
+    """Found by a red team: close() puts private zero pages under a mapping,
+    so a C copy running without the GIL at that moment read zeros, and the
+    checks after it (the revoked word, the reserve index) read zeros too and
+    passed: recv_into returned success for a message partly zero.  Every
+    call racing a close either returns the message whole or raises."""
+    import random
+
+    size = 8 << 20
+    msg = b"\xab" * size
+    torn = intact = 0
+    for round_ in range(10):
+        with producer(broker, f"torn{round_}", size=40 << 20, max_message=size) as p:
+            for _ in range(4):
+                p.send(msg, timeout=0)
+            c = attach(broker, "consumer", f"torn{round_}")
+            buf = bytearray(size)
+            returned: list[bool] = []
+
+            def receive() -> None:
+                for _ in range(4):
+                    try:
+                        n = c.recv_into(buf, timeout=0.2)
+                    except (errors.ShmBrokerError, ValueError):
+                        return
+                    returned.append(n == size and buf == msg)
+
+            worker = threading.Thread(target=receive)
+            worker.start()
+            time.sleep(random.uniform(0, 0.006))
+            c.close()
+            worker.join(10)
+            torn += returned.count(False)
+            intact += returned.count(True)
+    assert torn == 0, f"{torn} torn message(s) returned as received ({intact} intact)"
+
+
+def test_a_ring_data_area_over_4_gib_is_refused_with_the_reason() -> None:
+    """A PAD's length is a 32-bit field covering the rest of the area: on a
+    larger area the C producer wrote a truncated one and honest consumers saw
+    a corrupt ring (found by a red team).  Such a ring is refused up front."""
+    reason = L.check_geometry(1 << 33, 4096)
+    assert reason is not None and "4 GiB" in reason
+    assert L.check_geometry(1 << 31, 4096) is None

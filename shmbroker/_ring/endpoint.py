@@ -21,7 +21,7 @@ Buffer = bytes | bytearray | memoryview
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
         return None
-    if timeout < 0:
+    if not timeout >= 0:  # NaN too: every comparison with it is false
         raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
     return time.monotonic() + timeout
 

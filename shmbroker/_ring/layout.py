@@ -105,6 +105,10 @@ RECORD_HEADER = 8
 ALIGN = 8
 # A ring must hold at least a few pages of data to be useful.
 MIN_DATA_SIZE = PAGE_SIZE
+# A record's length is a 32-bit field, and a PAD covers the rest of the
+# area up to its end: an area larger than this could need a PAD whose
+# length does not fit.
+MAX_DATA_SIZE = 1 << 32
 KIND_MSG = 1
 KIND_PAD = 2
 # u32 length field; beyond this messages belong in a raw channel anyway.
@@ -159,6 +163,8 @@ def check_geometry(payload_size: int, max_message: int) -> str | None:
     data = data_size_for(payload_size)
     if data < MIN_DATA_SIZE:
         return f"a ring needs a payload of at least {DATA_OFFSET + MIN_DATA_SIZE} bytes of data"
+    if data > MAX_DATA_SIZE:
+        return f"a ring's data area holds at most {MAX_DATA_SIZE} bytes (4 GiB; record lengths are 32-bit): use a smaller size"
     if RECORD_HEADER + align(max_message) > data:
         return (
             f"max_message {max_message} does not fit the ring's {data}-byte data area; "

@@ -244,7 +244,15 @@ def resolve_and_check(path: str, trusted: Collection[int]) -> str:
     current = ""
     for part in parts:
         current = f"{current}/{part}"
-        st = os.lstat(current)
+        try:
+            st = os.lstat(current)
+        except PermissionError:
+            # A directory we may not search: if it, or one above it, belongs
+            # to someone we do not trust, that is what to report (they
+            # could put any broker there), not the permission.
+            for component, seen in chain:
+                check_entry(component, seen, trusted)
+            raise
         if stat.S_ISLNK(st.st_mode):
             resolved = resolve(path)
             check_path(resolved, trusted)

@@ -241,3 +241,15 @@ def test_serve_refuses_to_run_as_another_user_than_its_config_names(short_tmp: P
     assert proc.returncode == 2, err
     assert f"{config}: broker.user: this broker runs as uid 0 (root)" in err and f"{NOBODY} (nobody)" in err
     assert "Traceback" not in err
+
+
+@ROOT_ONLY
+def test_a_socket_under_another_uids_private_directory_is_called_untrusted_not_a_permission_problem(evil_dir: Path) -> None:
+    """Found by a red team: a client that could not search another uid's 0700
+    directory was told to ask for the socket group (PermissionDenied), when
+    the answer is that uid could put any broker there (UntrustedBroker)."""
+    os.chmod(evil_dir, 0o700)
+    path = str(evil_dir / "broker.sock")
+    kind, message = child_refusal(lambda: ShmClient.attach("secrets", "consumer", socket_path=path, timeout=WAIT), uid=OTHER_UID)
+    assert kind == "UntrustedBroker", message
+    assert str(evil_dir) in message and f"uid {NOBODY}" in message

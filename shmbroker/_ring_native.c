@@ -241,8 +241,6 @@ core_get(Core *c, int which, PyObject *obj, int writable, Py_ssize_t min_len, co
     return 0;
 }
 
-/* Called at the start of every operation: 0 to go on, 1 if the core is
- * closed (the Python path then says so), -1 with an exception. */
 /* A callback into the Python side, or an error: NULL before __init__ wired
  * it (an object made with __new__ alone) or once deleted, None where unset.
  * CB for functions returning an object, CBI for those returning -1. */
@@ -255,6 +253,8 @@ core_get(Core *c, int which, PyObject *obj, int writable, Py_ssize_t min_len, co
 #define CB(f) CB_CHECK(f, NULL)
 #define CBI(f) CB_CHECK(f, -1)
 
+/* Called at the start of every operation: 0 to go on, 1 if the core is
+ * closed (the Python path then says so), -1 with an exception. */
 static int
 core_enter(Core *c)
 {

@@ -31,30 +31,19 @@ import platform
 import select
 import shutil
 import signal
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from ring_bench import fork  # this directory: run as benchmarks/wakeup_bench.py
 from shmbroker import ShmClient
 
 GAP = 0.002
 STAMP = struct.Struct("<d")
 SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
-
-
-def fork(fn: Callable[[], None]) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fn()
-        finally:
-            os._exit(0)
-    return pid
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from shmbroker import ShmClient
 from shmbroker.errors import ShmBrokerError

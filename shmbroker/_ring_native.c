@@ -253,6 +253,17 @@ core_get(Core *c, int which, PyObject *obj, int writable, Py_ssize_t min_len, co
 #define CB(f) CB_CHECK(f, NULL)
 #define CBI(f) CB_CHECK(f, -1)
 
+/* Closed by another thread while this call copied without the GIL: its
+ * wake-up fds may already be closed, and their numbers reused for other
+ * files, so nothing more is published or signalled; the call fails as a
+ * call on a closed attachment does. */
+static int
+closed_under_us(void)
+{
+    PyErr_SetString(PyExc_ValueError, "the attachment was closed during the call");
+    return -1;
+}
+
 /* Called at the start of every operation: 0 to go on, 1 if the core is
  * closed (the Python path then says so), -1 with an exception. */
 static int
@@ -301,6 +312,33 @@ core_check_geometry(Core *c, unsigned long long data_size, unsigned long long ma
     }
     c->data_size = data_size;
     c->max_message = max_message;
+    return 0;
+}
+
+/* What both __init__s take: the four buffers, each with the access its
+ * side needs (the producer writes the index page and the data area, a
+ * consumer only its word of the control page), and a geometry that fits. */
+static int
+core_init(Core *c, PyObject *args, PyObject *kwds, int producer)
+{
+    PyObject *index, *control, *data, *header;
+    unsigned long long data_size, max_message;
+    static char *kwlist[] = {"index", "control", "data", "header", "data_size", "max_message", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, producer ? "OOOOKK:Producer" : "OOOOKK:Consumer", kwlist,
+                                     &index, &control, &data, &header, &data_size, &max_message))
+        return -1;
+    if (c->held) {
+        PyErr_Format(PyExc_RuntimeError, "%s already initialised", producer ? "Producer" : "Consumer");
+        return -1;
+    }
+    if (core_get(c, B_INDEX, index, producer, PAGE, "index page") < 0 ||
+        core_get(c, B_CONTROL, control, !producer, 8, "control page") < 0 ||
+        core_get(c, B_DATA, data, producer, 0, "data area") < 0 ||
+        core_get(c, B_HEADER, header, 0, OFF_REVOKED + 8, "segment header") < 0 ||
+        core_check_geometry(c, data_size, max_message) < 0) {
+        core_drop_buffers(c);
+        return -1;
+    }
     return 0;
 }
 
@@ -551,25 +589,8 @@ producer_dealloc(Producer *self)
 static int
 producer_init(Producer *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *index, *control, *data, *header;
-    unsigned long long data_size, max_message;
-    static char *kwlist[] = {"index", "control", "data", "header", "data_size", "max_message", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOKK:Producer", kwlist, &index, &control, &data,
-                                     &header, &data_size, &max_message))
+    if (core_init(&self->core, args, kwds, 1) < 0)
         return -1;
-    Core *c = &self->core;
-    if (c->held) {
-        PyErr_SetString(PyExc_RuntimeError, "Producer already initialised");
-        return -1;
-    }
-    if (core_get(c, B_INDEX, index, 1, PAGE, "index page") < 0 ||
-        core_get(c, B_CONTROL, control, 0, 8, "control page") < 0 ||
-        core_get(c, B_DATA, data, 1, 0, "data area") < 0 ||
-        core_get(c, B_HEADER, header, 0, OFF_REVOKED + 8, "segment header") < 0 ||
-        core_check_geometry(c, data_size, max_message) < 0) {
-        core_drop_buffers(c);
-        return -1;
-    }
     self->early_wrap = UINT64_MAX;
     self->early_wrap_records = 4;
 #define NONE(f) Py_INCREF(Py_None); Py_XSETREF(self->f, Py_None);
@@ -624,6 +645,8 @@ producer_reserve_to(Producer *p, uint64_t end)
 static int
 producer_publish(Producer *p, uint64_t w)
 {
+    if (p->core.closed)
+        return closed_under_us();
     if (w < p->w) {  /* consumers treat a shrinking index as corruption */
         PyErr_Format(PyExc_AssertionError, "write index would go back from %llu to %llu", p->w,
                      (unsigned long long)w);
@@ -1167,16 +1190,6 @@ py_sleep(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-py_signal(PyObject *Py_UNUSED(module), PyObject *fd_obj)
-{
-    int fd = as_fd(fd_obj);
-    if (fd < 0)
-        return NULL;
-    eventfd_signal(fd);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 producer_release(Producer *p, PyObject *Py_UNUSED(ignored))
 {
     producer_drop_cursors(p);
@@ -1262,25 +1275,8 @@ consumer_dealloc(Consumer *self)
 static int
 consumer_init(Consumer *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *index, *control, *data, *header;
-    unsigned long long data_size, max_message;
-    static char *kwlist[] = {"index", "control", "data", "header", "data_size", "max_message", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOKK:Consumer", kwlist, &index, &control, &data,
-                                     &header, &data_size, &max_message))
+    if (core_init(&self->core, args, kwds, 0) < 0)
         return -1;
-    Core *c = &self->core;
-    if (c->held) {
-        PyErr_SetString(PyExc_RuntimeError, "Consumer already initialised");
-        return -1;
-    }
-    if (core_get(c, B_INDEX, index, 0, PAGE, "index page") < 0 ||
-        core_get(c, B_CONTROL, control, 1, 8, "control page") < 0 ||
-        core_get(c, B_DATA, data, 0, 0, "data area") < 0 ||
-        core_get(c, B_HEADER, header, 0, OFF_REVOKED + 8, "segment header") < 0 ||
-        core_check_geometry(c, data_size, max_message) < 0) {
-        core_drop_buffers(c);
-        return -1;
-    }
     self->slot = -1;
     self->wake_fd = -1;
 #define NONE(f) Py_INCREF(Py_None); Py_XSETREF(self->f, Py_None);
@@ -1327,11 +1323,15 @@ consumer_attach_cursor(Consumer *self, PyObject *const *args, Py_ssize_t nargs)
 static int
 consumer_publish(Consumer *c)
 {
+    if (c->core.closed)
+        return closed_under_us();
     store_release(&c->core.buf[B_CURSOR], OFF_CURSOR, c->r);
     atomic_thread_fence(memory_order_seq_cst);
-    if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_fd >= 0) {
+    if (!load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING))  /* a peer's word: read once */
+        return 0;
+    if (c->wake_fd >= 0) {
         eventfd_signal(c->wake_fd);
-    } else if (load_relaxed(&c->core.buf[B_INDEX], OFF_PRODUCER_WAITING) && c->wake_producer != Py_None) {
+    } else if (c->wake_producer != Py_None) {
         PyObject *r = PyObject_CallNoArgs(CBI(c->wake_producer));
         if (r == NULL)
             return -1;
@@ -1782,7 +1782,6 @@ static PyMethodDef module_methods[] = {
     {"fence", fence, METH_NOARGS, "atomic_thread_fence(memory_order_seq_cst)"},
     {"sleep", (PyCFunction)(void (*)(void))py_sleep, METH_FASTCALL,
      "sleep(fd, timeout): poll(2) an eventfd for POLLIN (None: forever), then drain it"},
-    {"signal", (PyCFunction)py_signal, METH_O, "signal(fd): add one to an eventfd unless its counter is full"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,7 +15,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from adversary import wait_until, write_config
 from shmbroker import ShmClient

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from helpers import run_in_child
-from shmbroker import ShmClient
+from shmbroker import ShmClient, errors
 from shmbroker._broker import sandbox
 from shmbroker._broker.inspector import ExeInspector
 from shmbroker._sys import landlock
@@ -168,3 +168,30 @@ def test_panic_signal_to_every_process_of_the_unit_spares_the_inspector(broker_f
          ShmClient.attach("p", "consumer", socket_path=b.socket) as c:
         p2.buf[:2] = b"ok"
         assert bytes(c.buf[:2]) == b"ok"
+
+
+def test_a_stalled_inspector_fails_its_questions_closed_and_the_broker_serves_on(broker_factory: Any) -> None:
+    """Found in review: questions to the inspector are asked without waiting,
+    and only the blocking call had a timeout.  An inspector alive but stuck
+    (stopped, starved) held them for ever: a re-check at close never came, so
+    the segment of a peer that exec()ed was never revoked.  Now a question
+    unanswered for REPLY_TIMEOUT fails as unverifiable: the waiting peer is
+    refused, not left hanging, and the broker goes on once the inspector does."""
+    import signal
+    import time
+
+    from shmbroker._broker.inspector import REPLY_TIMEOUT
+
+    b = broker_factory("--landlock", "on")
+    with open(f"/proc/{b.pid}/task/{b.pid}/children") as f:
+        (inspector,) = [int(x) for x in f.read().split()]
+    os.kill(inspector, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(errors.PermissionDenied, match="did not answer"):
+            ShmClient.attach("p", "producer", socket_path=b.socket, size=4096, timeout=REPLY_TIMEOUT + 10)
+        assert time.monotonic() - start < REPLY_TIMEOUT + 5
+    finally:
+        os.kill(inspector, signal.SIGCONT)
+    with ShmClient.attach("p", "producer", socket_path=b.socket, size=4096) as p:
+        p.buf[:2] = b"ok"

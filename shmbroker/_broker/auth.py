@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable
 
 from .._escape import quote
+from .._sys import cgroup as syscgroup
 from .._sys import peercred, pidfd
 from .inspector import ExeInspector, InspectorError, Inspection, cgroup2_mount, inspect
 from .policy import Identity
@@ -43,9 +44,8 @@ log = logging.getLogger(__name__)
 # variable reaches it, and the broker logs a warning at start if it is set.
 after_credentials_hook: Callable[[int], None] | None = None
 
-# What /proc says of a pid: its executable and cgroup.
-StatExe = Callable[[int], Inspection]
-# The same as a value: the inspection, or the OSError it failed with.  Lets
+# What /proc says of a pid (its executable and cgroup) as a value: the
+# inspection, or the OSError it failed with.  Lets
 # the broker ask the exe inspector and go on serving others while it
 # answers (driver.py).
 StatResult = Inspection | OSError
@@ -81,27 +81,13 @@ class Verifier:
     def __init__(self, inspector: ExeInspector | None = None) -> None:
         self.inspector = inspector
 
-    def stat_exe(self, pid: int) -> Inspection:
-        """What /proc says of pid (its exe and cgroup), from here or from the inspector."""
-        if self.inspector is not None:
-            return self.inspector.exe(pid)
-        return inspect(pid)
-
-    def verify(self, sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> VerifiedPeer:
-        return verify_peer(sock, credentials, stat_exe=self.stat_exe)
-
-    def recheck(self, peer: VerifiedPeer) -> str | None:
-        return recheck(peer, stat_exe=self.stat_exe)
-
     def stat_now(self, pid: int) -> StatResult:
-        """The stat as a value (an OSError is one), as begin/finish pairs take it."""
+        """What /proc says of pid, read here (without an inspector), as a
+        value (an OSError is one), as begin/finish pairs take it."""
         try:
-            return self.stat_exe(pid)
+            return inspect(pid)
         except OSError as exc:
             return exc
-
-
-_DEFAULT = Verifier()
 
 
 def _exe_identity(pid: int, stat: StatResult) -> tuple[tuple[int, int], str]:
@@ -162,8 +148,11 @@ class Probe:
             self.pidfd = -1
 
 
-def begin_verify(sock: socket.socket, credentials: tuple[int, int, int] | None = None) -> Probe:
-    """Pin the peer of ``sock`` (``credentials``: SO_PEERCRED if already read); raises AuthError."""
+def begin_verify(
+    sock: socket.socket, credentials: tuple[int, int, int] | None = None, groups: tuple[int, ...] | None = None,
+) -> Probe:
+    """Pin the peer of ``sock`` (``credentials`` and ``groups``: SO_PEERCRED
+    and SO_PEERGROUPS if already read, both frozen at connect); raises AuthError."""
     pid, uid, gid = credentials or peercred.peer_credentials(sock)
     if pid <= 0:
         # 0 means the peer's pid is not visible in our pid namespace.
@@ -183,7 +172,8 @@ def begin_verify(sock: socket.socket, credentials: tuple[int, int, int] | None =
             raise AuthError(f"peer pid {pid} exited before it could be verified (stale pid)") from None
         source = "pidfd_open"
     try:
-        groups = peercred.peer_groups(sock)
+        if groups is None:
+            groups = peercred.peer_groups(sock)
         label = peer_label(sock)
         cgroup_id = _pidfd_cgroup(pfd, pid)
         if after_credentials_hook is not None:
@@ -230,7 +220,7 @@ def _cgroup_identity(probe_id: int | None, stat: Inspection, pid: int) -> tuple[
     the id only catches a move during verification, which the close
     re-check catches as well)."""
     cgroup = stat.cgroup
-    if cgroup is not None and (not cgroup.startswith("/") or cgroup.startswith("/..")):
+    if cgroup is not None and syscgroup.outside_namespace(cgroup):
         # Above the root of our cgroup namespace: no rule can name it.
         return None, probe_id
     if probe_id is None or cgroup is None:
@@ -271,37 +261,16 @@ def finish_verify(probe: Probe, stat: StatResult) -> VerifiedPeer:
     return peer
 
 
-def verify_peer(
-    sock: socket.socket, credentials: tuple[int, int, int] | None = None, *, stat_exe: StatExe = _DEFAULT.stat_exe,
-) -> VerifiedPeer:
-    """Verify the peer of ``sock`` in one go; ``credentials`` is SO_PEERCRED if already read."""
-    probe = begin_verify(sock, credentials)
-    try:
-        stat: StatResult = stat_exe(probe.pid)
-    except OSError as exc:
-        stat = exc
-    return finish_verify(probe, stat)
-
-
-def recheck(peer: VerifiedPeer, *, stat_exe: StatExe = _DEFAULT.stat_exe) -> str | None:
-    """Re-verify at session end in one go; see :func:`recheck_result`."""
-    if peer.pidfd < 0:
-        return None
-    try:
-        stat: StatResult = stat_exe(peer.identity.pid)
-    except OSError as exc:
-        stat = exc
-    return recheck_result(peer, stat)
-
-
-def still_verified(peer: VerifiedPeer, stat: StatResult) -> bool:
-    """Whether the peer still runs what it was admitted with, strictly: a
-    stat that failed, or a process that exited, is a no (fail closed)."""
-    if peer.pidfd < 0 or isinstance(stat, OSError):
-        return False
-    # recheck_result compares the executable and the cgroup, but also says
-    # None for a process that exited: the pidfd after it tells the two apart.
-    return recheck_result(peer, stat) is None and pidfd.pidfd_pid(peer.pidfd) == peer.identity.pid
+def reverify(peer: VerifiedPeer, stat: StatResult) -> tuple[bool, str | None]:
+    """(still the peer admitted, why not if it changed) before a late answer:
+    strictly, so a stat that failed or a process that exited is not the same
+    (fail closed); the reason is None when there is nothing to report (it
+    exited)."""
+    reason = recheck_result(peer, stat)
+    if reason is not None or peer.pidfd < 0 or isinstance(stat, OSError):
+        return False, reason
+    # recheck_result also says None for a process that exited: the pidfd tells the two apart.
+    return pidfd.pidfd_pid(peer.pidfd) == peer.identity.pid, None
 
 
 def recheck_result(peer: VerifiedPeer, stat: StatResult) -> str | None:

@@ -56,7 +56,7 @@ from .._wire.connection import CLOSED, NEED_DATA, PAUSED, Connection, Side
 from ..errors import LimitExceeded, ProtocolError
 from . import auth, confinement
 from .auth import AuthError, Verifier
-from .inspector import InspectorError
+from .inspector import REPLY_TIMEOUT, InspectorError
 from .config import BrokerConfig, check_broker_user
 from .core import SESSION_FDS, Action, BrokerCore, Close, Fail, Member, Recheck, Schedule, Send, error_reply
 from .listener import LISTEN_BACKLOG, Listener
@@ -96,11 +96,15 @@ class Unverified:
     """An accepted connection waiting for its uid's turn to be verified, or
     for the exe inspector's answer; nothing is read from it."""
 
-    __slots__ = ("sock", "pid", "uid", "gid", "charge", "deadline", "closed", "probe")
+    __slots__ = ("sock", "pid", "uid", "gid", "groups", "charge", "deadline", "closed", "probe")
 
-    def __init__(self, sock: socket.socket, credentials: tuple[int, int, int], charge: Charge, deadline: float) -> None:
+    def __init__(
+        self, sock: socket.socket, credentials: tuple[int, int, int], groups: tuple[int, ...], charge: Charge,
+        deadline: float,
+    ) -> None:
         self.sock = sock
         self.pid, self.uid, self.gid = credentials
+        self.groups = groups  # SO_PEERGROUPS, read once at accept
         self.charge = charge
         self.deadline = deadline
         self.closed = False
@@ -194,7 +198,9 @@ class Broker:
         self._next_sweep = 0.0  # monotonic time of the next lease/truncation check
         # Questions to the exe inspector still unanswered: request number ->
         # what to do with the answer.  The loop serves others meanwhile.
-        self._asked: dict[int, Callable[[auth.StatResult], None]] = {}
+        # Each with when it was asked: the inspector answers in order, so the
+        # first one is the oldest (see _expire_questions).
+        self._asked: dict[int, tuple[float, Callable[[auth.StatResult], None]]] = {}
         self._awaiting_inspector: collections.deque[Unverified] = collections.deque()
         self._inspector_fd = -1
         # Members that left but whose re-check is still out: their pidfd stays open until it is in.
@@ -387,6 +393,7 @@ class Broker:
         self._apply(self.core.panic())
 
     def _expire_deadlines(self, now: float) -> None:
+        self._expire_questions(now)
         for pending in [p for p in self._unverified if p.deadline <= now]:
             self.core.events.count("handshake_timeouts")
             self._unverified.discard(pending)
@@ -462,7 +469,7 @@ class Broker:
             else:
                 self._refuse(sock, admitted)
             return
-        pending = Unverified(sock, credentials, admitted, time.monotonic() + self.limits.handshake_timeout)
+        pending = Unverified(sock, credentials, groups, admitted, time.monotonic() + self.limits.handshake_timeout)
         self._unverified.add(pending)
         self.scheduler.add(uid, lambda: self._verify(pending), new=True)
 
@@ -473,7 +480,7 @@ class Broker:
         if len(self._asked) >= MAX_QUESTIONS:
             self._awaiting_inspector.append(pending)  # queued again as answers come in
             return False
-        sock, pid, uid = pending.sock, pending.pid, pending.uid
+        sock = pending.sock
         if _hung_up(sock):
             # Gone before its turn: nothing can reach it any more, so it is
             # not worth a verification (a flood of connect-and-close would
@@ -483,7 +490,7 @@ class Broker:
             pending.close()
             return False
         try:
-            pending.probe = auth.begin_verify(sock, (pending.pid, pending.uid, pending.gid))
+            pending.probe = auth.begin_verify(sock, (pending.pid, pending.uid, pending.gid), pending.groups)
         except Exception as exc:  # fail closed: any error is a rejection
             self._unverified.discard(pending)
             self._reject(pending, exc)
@@ -556,7 +563,7 @@ class Broker:
         if self._inspector_fd != inspector.fileno():
             self.selector.register(inspector.fileno(), selectors.EVENT_READ, self._on_inspector)
             self._inspector_fd = inspector.fileno()
-        self._asked[seq] = then
+        self._asked[seq] = (time.monotonic(), then)
 
     def _on_inspector(self, key: selectors.SelectorKey, mask: int) -> None:
         inspector = self.verifier.inspector
@@ -571,15 +578,39 @@ class Broker:
             self.selector.unregister(key.fileobj)
             self._inspector_fd = -1
             asked, self._asked = self._asked, {}
-            for then in asked.values():
+            for _, then in asked.values():
                 then(exc)
             return
         for seq, result in answers:
             answer = self._asked.pop(seq, None)
             if answer is not None:
-                answer(result)
+                answer[1](result)
+        self._ask_awaiting()
+
+    def _ask_awaiting(self) -> None:
         while self._awaiting_inspector and len(self._asked) < MAX_QUESTIONS:
             self._requeue(self._awaiting_inspector.popleft())
+
+    def _expire_questions(self, now: float) -> None:
+        """Questions the inspector has sat on for REPLY_TIMEOUT fail (a stalled
+        but living inspector would otherwise hold them for ever): a peer being
+        verified is rejected, a held answer is not sent, and a re-check at
+        close counts as changed, so its segment is revoked (fail closed)."""
+        stale = []
+        for seq, (asked_at, _) in self._asked.items():
+            if now - asked_at < REPLY_TIMEOUT:
+                break
+            stale.append(seq)
+        if not stale:
+            return
+        log.error(
+            "the exe inspector did not answer %d question(s) within %gs; treating them as unverifiable",
+            len(stale), REPLY_TIMEOUT,
+        )
+        for seq in stale:
+            _, then = self._asked.pop(seq)
+            then(InspectorError(errno.ETIMEDOUT, f"the exe inspector did not answer within {REPLY_TIMEOUT:g}s"))
+        self._ask_awaiting()
 
     def _refuse(self, sock: socket.socket, error: m.Error) -> None:
         """Tell a peer we will not serve it, without ever waiting on it."""
@@ -858,8 +889,7 @@ class Broker:
                     action.charge.release()
                 return
             try:
-                same = auth.still_verified(member.peer, stat)
-                reason = None if same else auth.recheck_result(member.peer, stat)
+                same, reason = auth.reverify(member.peer, stat)
             except Exception as exc:  # fail closed
                 same, reason = False, f"pid {member.identity.pid} could not be re-verified ({type(exc).__name__}: {exc})"
             if not same:

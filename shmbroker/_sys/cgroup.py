@@ -81,11 +81,18 @@ def parse_cgroup_file(data: bytes) -> str | None:
     return found[0].decode("utf-8", "surrogateescape")
 
 
+def outside_namespace(path: str) -> bool:
+    """Whether ``path`` (as /proc/PID/cgroup shows it) lies above the root of
+    the reader's cgroup namespace: shown as "/.." and up.  A cgroup merely
+    named "..x" is inside."""
+    return not path.startswith("/") or path == "/.." or path.startswith("/../")
+
+
 def cgroup_directory(mount: tuple[str, str], path: str) -> str | None:
     """Where ``path`` (as /proc/PID/cgroup shows it) is under ``mount``, or None
     if it is outside what the mount shows (or outside our namespace)."""
     point, root = mount
-    if path.startswith("/..") or not path.startswith("/"):
+    if outside_namespace(path):
         return None
     root = root.rstrip("/")
     if root:

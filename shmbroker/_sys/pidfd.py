@@ -48,54 +48,50 @@ def pidfd_pid(pidfd: int) -> int:
 # PIDFD_GET_INFO (Linux 6.13+, linux/pidfd.h): _IOWR(PIDFS_IOCTL_MAGIC 0xFF,
 # 11, struct pidfd_info).  The struct is extensible; its first version is 64
 # bytes (PIDFD_INFO_SIZE_VER0) and holds everything we ask for: the request
-# mask at offset 0, the cgroup id at offset 8.  Later kernels take the
+# mask at offset 0, the cgroup id at offset 8, the pid at 16.  Later kernels take the
 # smaller size and fill in what fits.
 _PIDFD_INFO_SIZE_VER0 = 64
 _IOC_READ_WRITE = 3
 PIDFD_GET_INFO = (_IOC_READ_WRITE << 30) | (_PIDFD_INFO_SIZE_VER0 << 16) | (0xFF << 8) | 11
+PIDFD_INFO_PID = 1 << 0
 PIDFD_INFO_CGROUPID = 1 << 2
-_INFO_HEAD = struct.Struct("<QQ")  # mask, cgroupid
+_INFO = struct.Struct("<QQI")  # mask, cgroupid, pid: the head of struct pidfd_info
 
 
-def cgroup_id(pidfd: int) -> int | None:
-    """The id of the cgroup v2 cgroup the pinned process is in now, from the pidfd itself.
-
-    None where the kernel cannot say: no PIDFD_GET_INFO (before 6.13:
-    ENOTTY or EINVAL) or no cgroup id in the answer (CONFIG_CGROUPS off).
-    Raises OSError ESRCH once the process has exited: a pidfd cannot lie
-    about which process it names, so no pid reuse can answer for it.
-    """
+def _get_info(pidfd: int, mask: int) -> tuple[int, int, int] | None:
+    """(answered mask, cgroup id, pid) from PIDFD_GET_INFO, or None where the
+    kernel has no such ioctl (before 6.13: ENOTTY or EINVAL).  Raises OSError
+    ESRCH once the process has been reaped."""
     buf = bytearray(_PIDFD_INFO_SIZE_VER0)
-    _INFO_HEAD.pack_into(buf, 0, PIDFD_INFO_CGROUPID, 0)
+    _INFO.pack_into(buf, 0, mask, 0, 0)
     try:
         fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf, True)
     except OSError as exc:
         if exc.errno in (errno.ENOTTY, errno.EINVAL):
             return None
         raise
-    mask, cgroupid = _INFO_HEAD.unpack_from(buf)
-    return int(cgroupid) if mask & PIDFD_INFO_CGROUPID else None
+    answered, cgroupid, pid = _INFO.unpack_from(buf)
+    return int(answered), int(cgroupid), int(pid)
 
 
-PIDFD_INFO_PID = 1 << 0
-_INFO_PID = struct.Struct("<I")  # pid, after mask and cgroupid
+def cgroup_id(pidfd: int) -> int | None:
+    """The id of the cgroup v2 cgroup the pinned process is in now, from the pidfd itself.
+
+    None where the kernel cannot say: no PIDFD_GET_INFO or no cgroup id in
+    the answer (CONFIG_CGROUPS off).  Raises OSError ESRCH once the process
+    has exited: a pidfd cannot lie about which process it names, so no pid
+    reuse can answer for it.
+    """
+    info = _get_info(pidfd, PIDFD_INFO_CGROUPID)
+    return info[1] if info is not None and info[0] & PIDFD_INFO_CGROUPID else None
 
 
 def _info_pid(pidfd: int) -> int | None:
     """pidfd_pid through PIDFD_GET_INFO: one ioctl instead of opening, reading
     and closing the fdinfo file, on a path every attach takes.  None where the
     kernel has no such ioctl."""
-    buf = bytearray(_PIDFD_INFO_SIZE_VER0)
-    _INFO_HEAD.pack_into(buf, 0, PIDFD_INFO_PID, 0)
     try:
-        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf, True)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            return -1  # reaped: the fdinfo file says "Pid: -1" then too
-        if exc.errno in (errno.ENOTTY, errno.EINVAL):
-            return None
-        raise
-    mask, _ = _INFO_HEAD.unpack_from(buf)
-    if not mask & PIDFD_INFO_PID:
-        return None
-    return int(_INFO_PID.unpack_from(buf, _INFO_HEAD.size)[0])
+        info = _get_info(pidfd, PIDFD_INFO_PID)
+    except ProcessLookupError:
+        return -1  # reaped: the fdinfo file says "Pid: -1" then too
+    return info[2] if info is not None and info[0] & PIDFD_INFO_PID else None

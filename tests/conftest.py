@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import BrokerProc, shm_leftovers  # noqa: E402
+from helpers import BrokerProc, lasting_shm_objects, shm_leftovers  # noqa: E402
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def broker(broker_factory: Any) -> Iterator[BrokerProc]:
     code = b.proc.wait(10)
     assert code == 0, f"broker exited with {code}; log:\n{b.log.read_text()}"
     assert not os.path.exists(b.socket), "broker left its socket behind"
-    assert shm_leftovers() <= before, "broker left segments in /dev/shm"
+    assert lasting_shm_objects(before) == set(), "broker left segments in /dev/shm"
 
 
 @pytest.fixture

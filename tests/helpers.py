@@ -22,6 +22,19 @@ def shm_leftovers() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("shmbroker")}
 
 
+def lasting_shm_objects(before: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """shmbroker's objects in /dev/shm beyond ``before`` that stay there.
+
+    A broker unlinks each segment right after creating it, so another
+    broker on the machine (another test run, another session) makes names
+    that live for microseconds; a leak is one still there half a second on."""
+    new = shm_leftovers() - set(before)
+    if new:
+        time.sleep(0.5)
+        new &= shm_leftovers()
+    return new
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

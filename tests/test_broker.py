@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import NOBODY, BrokerProc, ChildError, fd_count, run_in_child, shm_leftovers
+from helpers import NOBODY, BrokerProc, ChildError, fd_count, lasting_shm_objects, run_in_child
 from shmbroker import ShmClient
 from shmbroker.errors import ChannelBusy, ChannelNotFound, LimitExceeded, PermissionDenied
 
@@ -65,7 +65,7 @@ def test_segment_is_unlinked_mode_0_and_never_left_in_dev_shm(broker: BrokerProc
         assert stat.S_ISREG(st.st_mode)
         assert st.st_nlink == 0, "the segment still has a name someone could open"
         assert stat.S_IMODE(st.st_mode) == 0
-        assert shm_leftovers() == set()
+        assert lasting_shm_objects() == set()
         # The broker holds exactly one segment fd, and a write lease on it:
         # the proof that nobody else opened the object between create and unlink.
         assert len(broker.segment_fds(expect=1)) == 1

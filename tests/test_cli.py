@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import BrokerProc, shm_leftovers
+from helpers import BrokerProc, lasting_shm_objects
 from shmbroker import ShmClient, cli
 
 
@@ -59,7 +59,7 @@ def test_stale_socket_of_a_killed_broker_is_replaced(broker_factory: Any) -> Non
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     assert os.path.exists(first.socket), "kill -9 cannot remove the socket; the next broker must cope"
-    assert shm_leftovers() == set(), "segments are unlinked at birth, so even kill -9 leaves nothing"
+    assert lasting_shm_objects() == set(), "segments are unlinked at birth, so even kill -9 leaves nothing"
     # The client keeps its mapping after the broker died.
     assert bytes(att.buf[:4]) == b"kept"
     second = broker_factory()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from helpers import shm_leftovers
+from helpers import lasting_shm_objects, shm_leftovers
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert "broker verified 2 peer(s)" in proc.stdout
     assert "ring channel 'demo-ring': 1000 messages sent and received in order" in proc.stdout
     assert "objects left in /dev/shm: none" in proc.stdout
-    assert shm_leftovers() <= before
+    assert lasting_shm_objects(before) == set()
 
 
 def test_the_readme_quickstart_consumer_first_then_producer(broker_factory: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from helpers import shm_leftovers
+from helpers import lasting_shm_objects, shm_leftovers
 from shmbroker import ShmClient, errors
 
 PAYLOAD = b"still-here-after-the-broker-died"
@@ -37,7 +37,7 @@ def test_kill_9_broker_clients_keep_mappings_and_a_restart_serves(broker_factory
         ShmClient.status(socket_path=broker.socket)
     producer.close()  # detach is a courtesy: no error when the broker is gone
     consumer.close()
-    assert shm_leftovers() <= before, "a killed broker left names in /dev/shm"
+    assert lasting_shm_objects(before) == set(), "a killed broker left names in /dev/shm"
 
     # A new broker on the same path replaces the stale socket and serves.
     assert os.path.exists(broker.socket)
@@ -46,7 +46,7 @@ def test_kill_9_broker_clients_keep_mappings_and_a_restart_serves(broker_factory
     with ShmClient.attach(channel, size=None if channel_args else 65536, socket_path=again.socket) as att:
         assert att.generation == 1
         assert bytes(att.buf[: len(PAYLOAD)]) == bytes(len(PAYLOAD))  # a fresh segment, not the old one
-    assert shm_leftovers() <= before
+    assert lasting_shm_objects(before) == set()
 
 
 def test_kill_9_broker_mid_handshake_gives_a_clean_client_error(broker_factory: Any) -> None:
